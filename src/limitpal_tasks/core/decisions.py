@@ -1,0 +1,193 @@
+"""The values that flow through the pipeline: requests to the store, decisions, tickets, outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
+
+__all__ = [
+    "AdmitRequest",
+    "Admitted",
+    "BreakerState",
+    "Decision",
+    "DeferReason",
+    "Deferred",
+    "Group",
+    "GroupResult",
+    "KeyStatus",
+    "Outcome",
+    "RecordResult",
+    "Ticket",
+    "Transition",
+]
+
+DeferReason = Literal[
+    "paused", "breaker_open", "half_open_busy", "concurrency", "rate_limited", "store_unavailable"
+]
+BreakerState = Literal["closed", "open", "half_open", "forced_open", "disabled"]
+OutcomeKind = Literal["success", "failure", "ignored", "cooldown"]
+
+# Stage of the pipeline a group starts at; groups are evaluated in this order.
+STAGE_BREAKER, STAGE_BULKHEAD, STAGE_RATE, STAGE_PAUSE_ONLY = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """What ``admit`` checks under one key: every component the policy scopes to it.
+
+    ``reservations`` holds, per rate limit of the group (same order), the slot time the
+    message carries from an earlier deferral, or ``None``.
+    """
+
+    key: str
+    stage: int
+    breaker: Breaker | None = None
+    bulkhead: Bulkhead | None = None
+    rates: tuple[RateLimit, ...] = ()
+    budget: RetryBudget | None = None
+    lease: float = 300.0
+    reservations: tuple[float | None, ...] = ()
+    pause_target: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    """One execution's admission, grouped by key in pipeline order."""
+
+    policy: str
+    ticket_id: str
+    groups: tuple[Group, ...]
+    now: float | None
+    rand: float
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A breaker changed state; reported once fleet-wide, by the caller that changed it."""
+
+    policy: str
+    key: str
+    from_state: BreakerState
+    to_state: BreakerState
+    generation: int
+    at: float
+
+
+@dataclass(slots=True)
+class GroupResult:
+    """The store's answer for one group (internal to stores and the pipeline)."""
+
+    admitted: bool
+    now: float
+    reason: DeferReason | None = None
+    delay: float = 0.0
+    generation: int = 0
+    probe: bool = False
+    early: bool = False
+    reservations: tuple[float, ...] = ()
+    transitions: tuple[Transition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What an admitted execution holds; hand it back with ``record``."""
+
+    id: str
+    policy: Policy = field(repr=False)
+    groups: tuple[Group, ...] = field(repr=False)
+    generations: tuple[int, ...]
+    probe: bool
+    admitted_at: float
+    fallback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The execution may run now."""
+
+    ticket: Ticket
+    transitions: tuple[Transition, ...] = ()
+
+    admitted = True
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """The execution may not run now; requeue it after ``delay`` seconds.
+
+    ``reservations`` (reservation id → slot time) and ``deferrals``/``first_seen`` must
+    travel with the requeued message. ``exhausted`` names the bound that was hit
+    (``"max_deferrals"`` or ``"deadline"``): such a task goes to the dead letter instead.
+    """
+
+    delay: float
+    reason: DeferReason
+    deferrals: int
+    first_seen: float
+    reservations: Mapping[str, float] = field(default_factory=dict)
+    exhausted: str | None = None
+    transitions: tuple[Transition, ...] = ()
+
+    admitted = False
+
+
+Decision = Admitted | Deferred
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an execution ended: ``Outcome.success()``, ``failure()``, ``ignored()``, ``cooldown(s)``.
+
+    ``duration`` (seconds) feeds slow-call detection; when omitted the store measures
+    from admission to record.
+    """
+
+    kind: OutcomeKind
+    duration: float | None = None
+    retry_after: float = 0.0
+
+    @classmethod
+    def success(cls, duration: float | None = None) -> Outcome:
+        return cls("success", duration)
+
+    @classmethod
+    def failure(cls, duration: float | None = None) -> Outcome:
+        return cls("failure", duration)
+
+    @classmethod
+    def ignored(cls, duration: float | None = None) -> Outcome:
+        return cls("ignored", duration)
+
+    @classmethod
+    def cooldown(cls, seconds: float, duration: float | None = None) -> Outcome:
+        return cls("cooldown", duration, max(0.0, float(seconds)))
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """What recording changed: the transitions this caller caused (possibly none)."""
+
+    now: float
+    transitions: tuple[Transition, ...] = ()
+    recorded: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    """A snapshot of everything kept under one key (for ``status`` and tests)."""
+
+    key: str
+    breaker: BreakerState
+    generation: int = 0
+    open_until: float | None = None
+    calls: int = 0
+    failures: int = 0
+    slow_calls: int = 0
+    in_flight: int = 0
+    probes_in_flight: int = 0
+    paused_until: float | None = None
+    pause_reason: str | None = None
+    rates: Mapping[str, float] = field(default_factory=dict)

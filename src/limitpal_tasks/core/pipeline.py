@@ -1,0 +1,358 @@
+"""The pipeline: pause → breaker → bulkhead → rate limit → run → record.
+
+:class:`Pipeline` turns a policy and a task's context into a store request, and the
+store's answer into a :class:`Decision`: it adds jitter, applies the deferral bounds and
+the fail mode, and reports events. The rules themselves live in :mod:`.rules` (and the
+Redis store's scripts); the sync and async methods share every line of logic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import Cooldown, StoreError
+from .clock import Clock, MonotonicClock
+from .decisions import (
+    STAGE_BREAKER,
+    STAGE_BULKHEAD,
+    STAGE_RATE,
+    Admitted,
+    AdmitRequest,
+    Decision,
+    Deferred,
+    Group,
+    Outcome,
+    RecordResult,
+    Ticket,
+)
+from .events import HookRunner, Hooks
+from .keys import KeyTemplate, TaskContext
+from .policy import Policy, RateLimit
+from .store import AdmitResult, Store, reservation_id
+
+__all__ = ["Pipeline", "RetryDecision"]
+
+log = logging.getLogger("limitpal_tasks.pipeline")
+
+_STAGE_PAUSE = -1
+_STORE_RETRY_DELAY = 5.0
+
+
+class _TicketIds:
+    """Unique ticket ids, cheap to make: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = secrets.token_hex(6) + ":"
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return self.prefix + str(next(self.counter))
+
+
+_ticket_ids = _TicketIds()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    """Whether a failed execution is retried, and after how long; ``reason`` when it is not."""
+
+    retry: bool
+    delay: float = 0.0
+    reason: str = ""
+
+
+class _Layout:
+    """A policy's components grouped by key template, computed once per policy."""
+
+    __slots__ = ("components", "policy", "templates")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        templates: dict[KeyTemplate, int] = {policy.key: 0}
+
+        def index(template: KeyTemplate | None) -> int:
+            return templates.setdefault(template or policy.key, len(templates))
+
+        breaker = policy.breaker
+        self.components: tuple[tuple[str, int, object], ...] = tuple(
+            [("breaker", index(breaker.key), breaker)] if breaker else []
+        ) + tuple([("bulkhead", index(policy.bulkhead.key), policy.bulkhead)] if policy.bulkhead else []) + tuple(
+            ("rate", index(limit.key), limit) for limit in policy.rates
+        ) + tuple(
+            [("budget", index(policy.retry.budget.key), policy.retry.budget)]
+            if policy.retry is not None and policy.retry.budget is not None
+            else []
+        )
+        self.templates = tuple(templates)
+
+    def groups(self, context: TaskContext) -> tuple[Group, ...]:
+        policy = self.policy
+        rendered = [template.render(context) for template in self.templates]
+        parts: dict[str, dict[str, object]] = {}
+        for kind, i, component in self.components:
+            part = parts.setdefault(rendered[i], {"rates": []})
+            if kind == "rate":
+                part["rates"].append(component)  # type: ignore[attr-defined]
+            else:
+                part[kind] = component
+        parts.setdefault(rendered[0], {"rates": []})
+        groups = []
+        for key, part in parts.items():
+            rates: tuple[RateLimit, ...] = tuple(part["rates"])  # type: ignore[call-overload]
+            stage = (
+                STAGE_BREAKER if "breaker" in part
+                else STAGE_BULKHEAD if "bulkhead" in part
+                else STAGE_RATE if rates
+                else _STAGE_PAUSE
+            )
+            carried = context.reservations
+            groups.append(
+                Group(
+                    key=key,
+                    stage=stage,
+                    breaker=part.get("breaker"),  # type: ignore[arg-type]
+                    bulkhead=part.get("bulkhead"),  # type: ignore[arg-type]
+                    rates=rates,
+                    budget=part.get("budget"),  # type: ignore[arg-type]
+                    lease=policy.lease,
+                    reservations=tuple(carried.get(reservation_id(key, r.slot_id)) for r in rates) if carried else (),
+                    pause_target=key == rendered[0],
+                )
+            )
+        if len(groups) > 1:
+            groups.sort(key=lambda g: (g.stage, g.key))
+        return tuple(groups)
+
+
+class Pipeline:
+    """Admits task executions against a :class:`Store` and records their outcomes.
+
+    >>> from limitpal_tasks import MemoryStore, MockClock, Policy, TaskContext
+    >>> clock = MockClock()
+    >>> pipeline = Pipeline(MemoryStore(clock=clock), clock=clock)
+    >>> policy = Policy("api", rate="1/s")
+    >>> decision = pipeline.admit(policy, TaskContext("send"))
+    >>> decision.admitted
+    True
+    >>> pipeline.record(decision.ticket, Outcome.success())
+    >>> pipeline.admit(policy, TaskContext("send")).reason
+    'rate_limited'
+
+    ``clock`` is passed to the store as an explicit ``now`` (tests); without it the store
+    uses its own clock (Redis: the server's). ``fallback`` serves ``fail_mode="open"``
+    policies while the store is unreachable (default: a per-process ``MemoryStore``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        fallback: Store | None = None,
+        hooks: Sequence[Hooks] = (),
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self._local_clock: Clock = clock or MonotonicClock()
+        self._rng = rng or random.Random()
+        self._fallback = fallback
+        self.hooks = HookRunner(hooks)
+        self._layouts: dict[int, _Layout] = {}
+        self.store_errors = 0
+
+    # -- admission --------------------------------------------------------------
+
+    def admit(self, policy: Policy, context: TaskContext) -> Decision:
+        """Admit or defer one execution; nothing is consumed when it is deferred."""
+        request = self._request(policy, context)
+        try:
+            result = self.store.admit(request)
+        except StoreError as exc:
+            return self._store_failed(policy, context, request, exc)
+        return self._decide(policy, context, request, result, fallback=False)
+
+    async def admit_async(self, policy: Policy, context: TaskContext) -> Decision:
+        """The asyncio twin of :meth:`admit`."""
+        request = self._request(policy, context)
+        try:
+            result = await self.store.admit_async(request)
+        except StoreError as exc:
+            return self._store_failed(policy, context, request, exc)
+        return self._decide(policy, context, request, result, fallback=False)
+
+    def _request(self, policy: Policy, context: TaskContext) -> AdmitRequest:
+        layout = self._layouts.get(id(policy))
+        if layout is None or layout.policy is not policy:
+            layout = self._layouts[id(policy)] = _Layout(policy)
+        now = self.clock.now() if self.clock is not None else None
+        return AdmitRequest(policy.name, _ticket_ids(), layout.groups(context), now, self._rng.random())
+
+    def _decide(
+        self, policy: Policy, context: TaskContext, request: AdmitRequest, result: AdmitResult, fallback: bool
+    ) -> Decision:
+        self.hooks.transition(result.transitions)
+        decision: Decision
+        if result.admitted:
+            ticket = Ticket(
+                request.ticket_id, policy, request.groups, result.generations, result.probe, result.now, fallback
+            )
+            decision = Admitted(ticket, result.transitions)
+        else:
+            decision = self._deferred(policy, context, result)
+        self.hooks.decision(policy.name, decision)
+        return decision
+
+    def _deferred(self, policy: Policy, context: TaskContext, result: AdmitResult) -> Deferred:
+        defer = policy.defer
+        raw = result.delay
+        draw = self._rng.random()
+        if result.reason == "breaker_open":
+            spread = defer.open_spread
+            if spread is None:
+                spread = max(1.0, defer.jitter * (policy.breaker.open_for if policy.breaker else raw))
+            delay = raw + spread * draw
+        elif result.reason == "rate_limited" and result.reservations:
+            delay = raw  # a booked slot is already spread; jitter would make it miss
+        else:
+            delay = raw * (1.0 + defer.jitter * draw)
+        delay = min(delay, defer.max_delay)
+        deferrals = context.deferrals + (0 if result.early else 1)
+        first_seen = context.first_seen if context.first_seen is not None else result.now
+        exhausted = None
+        if deferrals > defer.max_deferrals:
+            exhausted = "max_deferrals"
+        elif result.now + delay - first_seen > defer.deadline:
+            exhausted = "deadline"
+        assert result.reason is not None
+        return Deferred(delay, result.reason, deferrals, first_seen, result.reservations, exhausted, result.transitions)
+
+    def _store_failed(
+        self, policy: Policy, context: TaskContext, request: AdmitRequest, exc: StoreError
+    ) -> Decision:
+        self.store_errors += 1
+        self.hooks.store_error(policy.name, exc, policy.fail_mode)
+        if policy.fail_mode == "closed":
+            log.warning("store unavailable, deferring %s [%s]: %s", context.task_name, policy.name, exc)
+            now = request.now if request.now is not None else self._local_clock.now()
+            result = AdmitResult(False, now, "store_unavailable", _STORE_RETRY_DELAY)
+            return self._decide(policy, context, request, result, fallback=False)
+        log.warning("store unavailable, admitting %s [%s] on this process's state: %s", context.task_name, policy.name, exc)
+        fallback = self._local()
+        return self._decide(policy, context, request, fallback.admit(request), fallback=True)
+
+    def _local(self) -> Store:
+        if self._fallback is None:
+            from ..stores.memory import MemoryStore  # the embedded store; no I/O
+
+            self._fallback = MemoryStore(clock=self.clock)
+        return self._fallback
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def record(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Give back what ``ticket`` holds and feed the breaker; never raises for store errors."""
+        store = self._local() if ticket.fallback else self.store
+        try:
+            result = store.record(ticket, outcome, self._now(), self._rng.random())
+        except StoreError as exc:
+            self._record_failed(ticket, exc)
+            return
+        self._recorded(result)
+
+    async def record_async(self, ticket: Ticket, outcome: Outcome) -> None:
+        """The asyncio twin of :meth:`record`."""
+        store = self._local() if ticket.fallback else self.store
+        try:
+            result = await store.record_async(ticket, outcome, self._now(), self._rng.random())
+        except StoreError as exc:
+            self._record_failed(ticket, exc)
+            return
+        self._recorded(result)
+
+    def _recorded(self, result: RecordResult) -> None:
+        self.hooks.transition(result.transitions)
+
+    def _record_failed(self, ticket: Ticket, exc: StoreError) -> None:
+        self.store_errors += 1
+        self.hooks.store_error(ticket.policy.name, exc, "record")
+        log.warning("could not record an outcome for %s (its leases expire on their own): %s", ticket.policy.name, exc)
+
+    def _now(self) -> float | None:
+        return self.clock.now() if self.clock is not None else None
+
+    # -- retries ----------------------------------------------------------------
+
+    def outcome_of(self, policy: Policy, exc: BaseException | None, duration: float | None = None) -> Outcome:
+        """The outcome to record for an execution that returned (``None``) or raised ``exc``."""
+        if exc is None:
+            return Outcome.success(duration)
+        if isinstance(exc, Cooldown):
+            return Outcome.cooldown(exc.retry_after, duration)
+        if policy.classify(exc) == "ignore":
+            return Outcome.ignored(duration)
+        return Outcome.failure(duration)
+
+    def retry(
+        self, policy: Policy, exc: BaseException, attempt: int, context: TaskContext, previous: float | None = None
+    ) -> RetryDecision:
+        """Whether attempt number ``attempt`` (1-based), which raised ``exc``, is retried."""
+        decision, budget_key = self._retry_plan(policy, exc, attempt, context, previous)
+        if budget_key is None or not decision.retry:
+            return decision
+        assert policy.retry is not None and policy.retry.budget is not None
+        try:
+            allowed = self.store.spend_retry(budget_key, policy.retry.budget, self._now())
+        except StoreError as exc_:
+            allowed = self._budget_failed(policy, exc_)
+        return decision if allowed else RetryDecision(False, reason="retry_budget")
+
+    async def retry_async(
+        self, policy: Policy, exc: BaseException, attempt: int, context: TaskContext, previous: float | None = None
+    ) -> RetryDecision:
+        """The asyncio twin of :meth:`retry`."""
+        decision, budget_key = self._retry_plan(policy, exc, attempt, context, previous)
+        if budget_key is None or not decision.retry:
+            return decision
+        assert policy.retry is not None and policy.retry.budget is not None
+        try:
+            allowed = await self.store.spend_retry_async(budget_key, policy.retry.budget, self._now())
+        except StoreError as exc_:
+            allowed = self._budget_failed(policy, exc_)
+        return decision if allowed else RetryDecision(False, reason="retry_budget")
+
+    def _retry_plan(
+        self, policy: Policy, exc: BaseException, attempt: int, context: TaskContext, previous: float | None
+    ) -> tuple[RetryDecision, str | None]:
+        retry = policy.retry
+        if retry is None:
+            return RetryDecision(False, reason="no_retry_policy"), None
+        verdict = policy.classify(exc)
+        if verdict != "retry":
+            return RetryDecision(False, reason=verdict), None
+        if attempt >= retry.max_attempts:
+            return RetryDecision(False, reason="max_attempts"), None
+        carried = getattr(exc, "retry_after", None)
+        if isinstance(carried, (int, float)) and not isinstance(carried, bool) and carried >= 0:
+            delay = min(float(carried), retry.backoff_max)
+        else:
+            delay = retry.delay(attempt, self._rng.random(), previous)
+        budget_key = None
+        if retry.budget is not None:
+            budget_key = (retry.budget.key or policy.key).render(context)
+        return RetryDecision(True, delay), budget_key
+
+    def _budget_failed(self, policy: Policy, exc: StoreError) -> bool:
+        self.store_errors += 1
+        self.hooks.store_error(policy.name, exc, policy.fail_mode)
+        return policy.fail_mode == "open"

@@ -1,0 +1,92 @@
+"""The contract every state store fulfils, and the pieces of it that are the same for all.
+
+A store persists and applies the rules of :mod:`limitpal_tasks.core.rules` atomically;
+it never decides jitter, deferral bounds or fail modes (the :class:`Pipeline` does).
+Every operation has an ``async`` twin with the ``_async`` suffix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from .deadletter import DeadLetter
+from .decisions import AdmitRequest, BreakerState, DeferReason, GroupResult, KeyStatus, Outcome, RecordResult, Ticket, Transition
+from .policy import RetryBudget
+
+__all__ = ["AdmitResult", "Store", "merge_admission", "reservation_id"]
+
+
+def reservation_id(key: str, slot_id: str) -> str:
+    """How a booked rate-limit slot is named in a message's headers."""
+    return f"{key}|{slot_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    """A store's answer to :meth:`Store.admit`, before the pipeline adds jitter and bounds."""
+
+    admitted: bool
+    now: float
+    reason: DeferReason | None = None
+    delay: float = 0.0
+    early: bool = False
+    reservations: dict[str, float] = field(default_factory=dict)
+    generations: tuple[int, ...] = ()
+    probe: bool = False
+    transitions: tuple[Transition, ...] = ()
+
+
+def merge_admission(request: AdmitRequest, results: Sequence[GroupResult]) -> AdmitResult:
+    """Fold per-group answers (evaluated in order, stopping at the first deferral) into one."""
+    transitions = tuple(t for r in results for t in r.transitions)
+    last = results[-1]
+    if not last.admitted:
+        reservations: dict[str, float] = {}
+        for group, result in zip(request.groups, results):
+            if result.admitted:
+                continue
+            for limit, slot in zip(group.rates, result.reservations):
+                if slot:
+                    reservations[reservation_id(group.key, limit.slot_id)] = slot
+        return AdmitResult(
+            False, last.now, last.reason, last.delay, last.early, reservations, transitions=transitions
+        )
+    return AdmitResult(
+        True,
+        last.now,
+        generations=tuple(r.generation for r in results),
+        probe=any(r.probe for r in results),
+        transitions=transitions,
+    )
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Shared state for the pipeline: atomic, keyed, expiring.
+
+    ``now=None`` means "the store's own clock" (for Redis, the server's ``TIME``); tests
+    pass an explicit ``now`` from a :class:`MockClock`.
+    """
+
+    def admit(self, request: AdmitRequest) -> AdmitResult: ...
+    async def admit_async(self, request: AdmitRequest) -> AdmitResult: ...
+
+    def record(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> RecordResult: ...
+    async def record_async(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> RecordResult: ...
+
+    def spend_retry(self, key: str, budget: RetryBudget, now: float | None) -> bool: ...
+    async def spend_retry_async(self, key: str, budget: RetryBudget, now: float | None) -> bool: ...
+
+    def pause(self, key: str, seconds: float, reason: str, now: float | None = None) -> None: ...
+    def resume(self, key: str) -> None: ...
+    def status(self, key: str, now: float | None = None) -> KeyStatus: ...
+    def reset(self, key: str, policy: str = "", now: float | None = None) -> tuple[Transition, ...]: ...
+    def force(self, key: str, state: BreakerState, policy: str = "", now: float | None = None) -> tuple[Transition, ...]: ...
+
+    def put_dead(self, letter: DeadLetter) -> None: ...
+    def list_dead(self, limit: int = 100) -> list[DeadLetter]: ...
+    def take_dead(self, letter_id: str) -> DeadLetter | None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,105 @@
+"""Durations and rates as users write them, converted once at the edge."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Union
+
+from ..errors import ConfigurationError
+
+__all__ = ["Duration", "Rate", "RateLike", "parse_duration", "parse_rate"]
+
+Duration = Union[float, int, timedelta]
+"""Seconds as a number, or a :class:`datetime.timedelta`."""
+
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE_RE = re.compile(
+    r"^\s*(?P<n>\d+(?:\.\d+)?)\s*/\s*(?P<k>\d+(?:\.\d+)?)?\s*(?P<unit>s|sec|second|m|min|minute|h|hour|d|day)s?\s*$",
+    re.IGNORECASE,
+)
+_DURATION_RE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(
+    field: str, value: object, *, allow_zero: bool = True, allow_none: bool = False
+) -> float:
+    """Seconds from a number, a ``timedelta`` or a string such as ``"10m"``/``"250ms"``."""
+    if value is None and allow_none:
+        return math.inf
+    seconds: float
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise ConfigurationError(field, value, "expected seconds (number or timedelta)")
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m["n"]) * _UNIT_SECONDS[(m["unit"] or "s").lower()]
+    else:
+        raise ConfigurationError(field, value, "expected seconds (number or timedelta)")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(field, value, f"expected a finite duration {bound}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``limit`` executions per ``per`` seconds; ``Rate.parse("100/s")``.
+
+    >>> Rate.parse("5/m")
+    Rate(limit=5, per=60.0)
+    """
+
+    limit: float
+    per: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)):
+            raise ConfigurationError("rate.limit", self.limit, "expected a number > 0")
+        if not math.isfinite(self.limit) or self.limit <= 0:
+            raise ConfigurationError("rate.limit", self.limit, "expected a number > 0")
+        object.__setattr__(self, "per", parse_duration("rate.per", self.per, allow_zero=False))
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two conforming executions (the GCRA emission interval)."""
+        return self.per / self.limit
+
+    @property
+    def per_second(self) -> float:
+        return self.limit / self.per
+
+    @classmethod
+    def parse(cls, value: RateLike, field: str = "rate") -> Rate:
+        """Parse ``"N/s"``, ``"N/m"``, ``"N/h"``, ``"N/d"`` (also ``"N/10s"``) or pass a Rate."""
+        if isinstance(value, Rate):
+            return value
+        if isinstance(value, str) and (m := _RATE_RE.match(value)):
+            unit = m["unit"][0].lower()
+            per = _PERIODS[unit] * float(m["k"] or 1)
+            n = float(m["n"])
+            try:
+                return cls(int(n) if n.is_integer() else n, per)
+            except ConfigurationError as exc:
+                raise ConfigurationError(field, value, exc.expected) from None
+        raise ConfigurationError(
+            field, value, 'expected a rate such as "100/s", "5/m", "1000/h", "10000/d" or Rate(n, per)'
+        )
+
+    def __str__(self) -> str:
+        for unit, seconds in _PERIODS.items():
+            if self.per == seconds:
+                return f"{self.limit:g}/{unit}"
+        return f"{self.limit:g}/{self.per:g}s"
+
+
+RateLike = Union[Rate, str]
+
+
+def parse_rate(value: RateLike, field: str = "rate") -> Rate:
+    return Rate.parse(value, field)

@@ -1,0 +1,1 @@
+"""Adapters that translate decisions into broker actions (Celery, Dramatiq)."""
