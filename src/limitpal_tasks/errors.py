@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 __all__ = [
@@ -48,8 +49,7 @@ class DeferralLimitExceeded(LimitpalError):
         self.deferrals = deferrals
         self.waited = waited
         super().__init__(
-            f"gave up after {deferrals} deferrals over {waited:.1f}s "
-            f"(limit: {limit}; last reason: {reason})"
+            f"gave up after {deferrals} deferrals over {waited:.1f}s (limit: {limit}; last reason: {reason})"
         )
 
     def __reduce__(self) -> tuple[type[DeferralLimitExceeded], tuple[str, str, int, float]]:
@@ -79,7 +79,7 @@ class Cooldown(LimitpalError):
 
     def __init__(self, retry_after: float | timedelta, message: str = "") -> None:
         seconds = retry_after.total_seconds() if isinstance(retry_after, timedelta) else retry_after
-        if not isinstance(seconds, (int, float)) or seconds < 0 or seconds != seconds:
+        if not isinstance(seconds, (int, float)) or seconds < 0 or math.isnan(seconds):
             raise ConfigurationError("Cooldown.retry_after", retry_after, "expected seconds >= 0")
         self.retry_after = float(seconds)
         super().__init__(message or f"upstream asked to come back in {self.retry_after:g}s")

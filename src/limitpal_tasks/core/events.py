@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from .decisions import Decision, Transition
 
-__all__ = ["Hooks", "HookRunner"]
+__all__ = ["HookRunner", "Hooks"]
 
 log = logging.getLogger("limitpal_tasks.events")
 
@@ -46,7 +46,11 @@ class HookRunner:
         for transition in transitions:
             log.info(
                 "breaker %s [%s] %s -> %s (generation %d)",
-                transition.key, transition.policy, transition.from_state, transition.to_state, transition.generation,
+                transition.key,
+                transition.policy,
+                transition.from_state,
+                transition.to_state,
+                transition.generation,
             )
             for hook in self.hooks:
                 try:

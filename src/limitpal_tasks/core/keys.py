@@ -174,7 +174,9 @@ class KeyTemplate:
         if self._func is not None:
             value = self._func(context)
             if not isinstance(value, str) or not value:
-                raise ConfigurationError("key", value, f"expected the key callable {self._func!r} to return a non-empty str")
+                raise ConfigurationError(
+                    "key", value, f"expected the key callable {self._func!r} to return a non-empty str"
+                )
             return escape_key_part(value, safe=":/@")
         out: list[str] = []
         for literal, field_expr, root, spec in self._parts:

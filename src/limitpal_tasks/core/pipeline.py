@@ -22,8 +22,8 @@ from .decisions import (
     STAGE_BREAKER,
     STAGE_BULKHEAD,
     STAGE_RATE,
-    Admitted,
     AdmitRequest,
+    Admitted,
     Decision,
     Deferred,
     Group,
@@ -33,7 +33,7 @@ from .decisions import (
 )
 from .events import HookRunner, Hooks
 from .keys import KeyTemplate, TaskContext
-from .policy import Policy, RateLimit
+from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
 from .store import AdmitResult, Store, reservation_id
 
 __all__ = ["Pipeline", "RetryDecision"]
@@ -71,10 +71,22 @@ class RetryDecision:
     reason: str = ""
 
 
-class _Layout:
-    """A policy's components grouped by key template, computed once per policy."""
+class _Part:
+    """The components of one policy that share a rendered key."""
 
-    __slots__ = ("components", "policy", "templates")
+    __slots__ = ("breaker", "budget", "bulkhead", "rates")
+
+    def __init__(self) -> None:
+        self.breaker: Breaker | None = None
+        self.bulkhead: Bulkhead | None = None
+        self.rates: list[RateLimit] = []
+        self.budget: RetryBudget | None = None
+
+
+class _Layout:
+    """A policy's components by key template, computed once per policy."""
+
+    __slots__ = ("policy", "slots", "templates")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -83,52 +95,59 @@ class _Layout:
         def index(template: KeyTemplate | None) -> int:
             return templates.setdefault(template or policy.key, len(templates))
 
-        breaker = policy.breaker
-        self.components: tuple[tuple[str, int, object], ...] = tuple(
-            [("breaker", index(breaker.key), breaker)] if breaker else []
-        ) + tuple([("bulkhead", index(policy.bulkhead.key), policy.bulkhead)] if policy.bulkhead else []) + tuple(
-            ("rate", index(limit.key), limit) for limit in policy.rates
-        ) + tuple(
-            [("budget", index(policy.retry.budget.key), policy.retry.budget)]
-            if policy.retry is not None and policy.retry.budget is not None
-            else []
-        )
+        retry_budget = policy.retry.budget if policy.retry is not None else None
+        # (template index, breaker, bulkhead, rate, budget): one component per entry.
+        self.slots: list[
+            tuple[int, Breaker | None, Bulkhead | None, RateLimit | None, RetryBudget | None]
+        ] = []
+        if policy.breaker is not None:
+            self.slots.append((index(policy.breaker.key), policy.breaker, None, None, None))
+        if policy.bulkhead is not None:
+            self.slots.append((index(policy.bulkhead.key), None, policy.bulkhead, None, None))
+        for limit in policy.rates:
+            self.slots.append((index(limit.key), None, None, limit, None))
+        if retry_budget is not None:
+            self.slots.append((index(retry_budget.key), None, None, None, retry_budget))
         self.templates = tuple(templates)
 
     def groups(self, context: TaskContext) -> tuple[Group, ...]:
-        policy = self.policy
         rendered = [template.render(context) for template in self.templates]
-        parts: dict[str, dict[str, object]] = {}
-        for kind, i, component in self.components:
-            part = parts.setdefault(rendered[i], {"rates": []})
-            if kind == "rate":
-                part["rates"].append(component)  # type: ignore[attr-defined]
+        parts: dict[str, _Part] = {rendered[0]: _Part()}
+        for i, breaker, bulkhead, limit, budget in self.slots:
+            part = parts.get(rendered[i]) or parts.setdefault(rendered[i], _Part())
+            if breaker is not None:
+                part.breaker = breaker
+            elif bulkhead is not None:
+                part.bulkhead = bulkhead
+            elif limit is not None:
+                part.rates.append(limit)
             else:
-                part[kind] = component
-        parts.setdefault(rendered[0], {"rates": []})
-        groups = []
-        for key, part in parts.items():
-            rates: tuple[RateLimit, ...] = tuple(part["rates"])  # type: ignore[call-overload]
-            stage = (
-                STAGE_BREAKER if "breaker" in part
-                else STAGE_BULKHEAD if "bulkhead" in part
-                else STAGE_RATE if rates
-                else _STAGE_PAUSE
+                part.budget = budget
+        carried = context.reservations
+        groups = [
+            Group(
+                key=key,
+                stage=(
+                    STAGE_BREAKER
+                    if part.breaker is not None
+                    else STAGE_BULKHEAD
+                    if part.bulkhead is not None
+                    else STAGE_RATE
+                    if part.rates
+                    else _STAGE_PAUSE
+                ),
+                breaker=part.breaker,
+                bulkhead=part.bulkhead,
+                rates=tuple(part.rates),
+                budget=part.budget,
+                lease=self.policy.lease,
+                reservations=(
+                    tuple(carried.get(reservation_id(key, r.slot_id)) for r in part.rates) if carried else ()
+                ),
+                pause_target=key == rendered[0],
             )
-            carried = context.reservations
-            groups.append(
-                Group(
-                    key=key,
-                    stage=stage,
-                    breaker=part.get("breaker"),  # type: ignore[arg-type]
-                    bulkhead=part.get("bulkhead"),  # type: ignore[arg-type]
-                    rates=rates,
-                    budget=part.get("budget"),  # type: ignore[arg-type]
-                    lease=policy.lease,
-                    reservations=tuple(carried.get(reservation_id(key, r.slot_id)) for r in rates) if carried else (),
-                    pause_target=key == rendered[0],
-                )
-            )
+            for key, part in parts.items()
+        ]
         if len(groups) > 1:
             groups.sort(key=lambda g: (g.stage, g.key))
         return tuple(groups)
@@ -205,7 +224,13 @@ class Pipeline:
         decision: Decision
         if result.admitted:
             ticket = Ticket(
-                request.ticket_id, policy, request.groups, result.generations, result.probe, result.now, fallback
+                request.ticket_id,
+                policy,
+                request.groups,
+                result.generations,
+                result.probe,
+                result.now,
+                fallback,
             )
             decision = Admitted(ticket, result.transitions)
         else:
@@ -235,7 +260,9 @@ class Pipeline:
         elif result.now + delay - first_seen > defer.deadline:
             exhausted = "deadline"
         assert result.reason is not None
-        return Deferred(delay, result.reason, deferrals, first_seen, result.reservations, exhausted, result.transitions)
+        return Deferred(
+            delay, result.reason, deferrals, first_seen, result.reservations, exhausted, result.transitions
+        )
 
     def _store_failed(
         self, policy: Policy, context: TaskContext, request: AdmitRequest, exc: StoreError
@@ -247,13 +274,18 @@ class Pipeline:
             now = request.now if request.now is not None else self._local_clock.now()
             result = AdmitResult(False, now, "store_unavailable", _STORE_RETRY_DELAY)
             return self._decide(policy, context, request, result, fallback=False)
-        log.warning("store unavailable, admitting %s [%s] on this process's state: %s", context.task_name, policy.name, exc)
+        log.warning(
+            "store unavailable, admitting %s [%s] on this process's state: %s",
+            context.task_name,
+            policy.name,
+            exc,
+        )
         fallback = self._local()
         return self._decide(policy, context, request, fallback.admit(request), fallback=True)
 
     def _local(self) -> Store:
         if self._fallback is None:
-            from ..stores.memory import MemoryStore  # the embedded store; no I/O
+            from ..stores.memory import MemoryStore  # noqa: PLC0415 - stores depend on core; load on first need
 
             self._fallback = MemoryStore(clock=self.clock)
         return self._fallback
@@ -286,7 +318,9 @@ class Pipeline:
     def _record_failed(self, ticket: Ticket, exc: StoreError) -> None:
         self.store_errors += 1
         self.hooks.store_error(ticket.policy.name, exc, "record")
-        log.warning("could not record an outcome for %s (its leases expire on their own): %s", ticket.policy.name, exc)
+        log.warning(
+            "could not record an outcome for %s (its leases expire on their own): %s", ticket.policy.name, exc
+        )
 
     def _now(self) -> float | None:
         return self.clock.now() if self.clock is not None else None
@@ -304,29 +338,41 @@ class Pipeline:
         return Outcome.failure(duration)
 
     def retry(
-        self, policy: Policy, exc: BaseException, attempt: int, context: TaskContext, previous: float | None = None
+        self,
+        policy: Policy,
+        exc: BaseException,
+        attempt: int,
+        context: TaskContext,
+        previous: float | None = None,
     ) -> RetryDecision:
         """Whether attempt number ``attempt`` (1-based), which raised ``exc``, is retried."""
         decision, budget_key = self._retry_plan(policy, exc, attempt, context, previous)
         if budget_key is None or not decision.retry:
             return decision
-        assert policy.retry is not None and policy.retry.budget is not None
+        budget = policy.retry.budget if policy.retry is not None else None
+        assert budget is not None
         try:
-            allowed = self.store.spend_retry(budget_key, policy.retry.budget, self._now())
+            allowed = self.store.spend_retry(budget_key, budget, self._now())
         except StoreError as exc_:
             allowed = self._budget_failed(policy, exc_)
         return decision if allowed else RetryDecision(False, reason="retry_budget")
 
     async def retry_async(
-        self, policy: Policy, exc: BaseException, attempt: int, context: TaskContext, previous: float | None = None
+        self,
+        policy: Policy,
+        exc: BaseException,
+        attempt: int,
+        context: TaskContext,
+        previous: float | None = None,
     ) -> RetryDecision:
         """The asyncio twin of :meth:`retry`."""
         decision, budget_key = self._retry_plan(policy, exc, attempt, context, previous)
         if budget_key is None or not decision.retry:
             return decision
-        assert policy.retry is not None and policy.retry.budget is not None
+        budget = policy.retry.budget if policy.retry is not None else None
+        assert budget is not None
         try:
-            allowed = await self.store.spend_retry_async(budget_key, policy.retry.budget, self._now())
+            allowed = await self.store.spend_retry_async(budget_key, budget, self._now())
         except StoreError as exc_:
             allowed = self._budget_failed(policy, exc_)
         return decision if allowed else RetryDecision(False, reason="retry_budget")

@@ -8,6 +8,7 @@ plain data that Celery/Django settings and environment files hold.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -144,7 +145,11 @@ class Breaker:
         busy_delay: Duration = 1.0,
         key: KeySpec | None = None,
     ) -> None:
-        _set(self, "failure_rate_threshold", _number("breaker.failure_rate_threshold", failure_rate_threshold, low=0, high=100, low_open=True))
+        _set(
+            self,
+            "failure_rate_threshold",
+            _number("breaker.failure_rate_threshold", failure_rate_threshold, low=0, high=100, low_open=True),
+        )
         _set(self, "minimum_calls", int(_number("breaker.minimum_calls", minimum_calls, low=1, integer=True)))
         if window_type not in ("count", "time"):
             raise ConfigurationError("breaker.window_type", window_type, 'expected "count" or "time"')
@@ -154,20 +159,44 @@ class Breaker:
         else:
             size = parse_duration("breaker.window", window, allow_zero=False)
             if not 1 <= size <= 86_400:
-                raise ConfigurationError("breaker.window", window, "expected a time window between 1s and 1 day")
+                raise ConfigurationError(
+                    "breaker.window", window, "expected a time window between 1s and 1 day"
+                )
             size = float(math.ceil(size))
         _set(self, "window", size)
-        _set(self, "slow_call_duration", parse_duration("breaker.slow_call_duration", slow_call_duration, allow_zero=False, allow_none=True))
-        _set(self, "slow_call_rate_threshold", _number("breaker.slow_call_rate_threshold", slow_call_rate_threshold, low=0, high=100, low_open=True))
+        _set(
+            self,
+            "slow_call_duration",
+            parse_duration(
+                "breaker.slow_call_duration", slow_call_duration, allow_zero=False, allow_none=True
+            ),
+        )
+        _set(
+            self,
+            "slow_call_rate_threshold",
+            _number(
+                "breaker.slow_call_rate_threshold", slow_call_rate_threshold, low=0, high=100, low_open=True
+            ),
+        )
         base = parse_duration("breaker.open_for", open_for, allow_zero=False)
         _set(self, "open_for", base)
-        cap = base if open_for_max is None else parse_duration("breaker.open_for_max", open_for_max, allow_zero=False)
+        cap = (
+            base
+            if open_for_max is None
+            else parse_duration("breaker.open_for_max", open_for_max, allow_zero=False)
+        )
         if cap < base:
-            raise ConfigurationError("breaker.open_for_max", open_for_max, f"expected a duration >= open_for ({base:g}s)")
+            raise ConfigurationError(
+                "breaker.open_for_max", open_for_max, f"expected a duration >= open_for ({base:g}s)"
+            )
         _set(self, "open_for_max", cap)
         _set(self, "multiplier", _number("breaker.multiplier", multiplier, low=1))
         _set(self, "open_jitter", _number("breaker.open_jitter", open_jitter, low=0, high=1))
-        _set(self, "half_open_probes", int(_number("breaker.half_open_probes", half_open_probes, low=1, high=10_000, integer=True)))
+        _set(
+            self,
+            "half_open_probes",
+            int(_number("breaker.half_open_probes", half_open_probes, low=1, high=10_000, integer=True)),
+        )
         _set(self, "busy_delay", parse_duration("breaker.busy_delay", busy_delay, allow_zero=False))
         _set(self, "key", _key("breaker.key", key))
 
@@ -199,8 +228,16 @@ class Bulkhead:
         retry_delay: Duration = 1.0,
         key: KeySpec | None = None,
     ) -> None:
-        _set(self, "max_concurrent", int(_number("bulkhead.max_concurrent", max_concurrent, low=1, integer=True)))
-        _set(self, "lease", None if lease is None else parse_duration("bulkhead.lease", lease, allow_zero=False))
+        _set(
+            self,
+            "max_concurrent",
+            int(_number("bulkhead.max_concurrent", max_concurrent, low=1, integer=True)),
+        )
+        _set(
+            self,
+            "lease",
+            None if lease is None else parse_duration("bulkhead.lease", lease, allow_zero=False),
+        )
         _set(self, "retry_delay", parse_duration("bulkhead.retry_delay", retry_delay, allow_zero=False))
         _set(self, "key", _key("bulkhead.key", key))
 
@@ -244,7 +281,11 @@ class RateLimit:
 
 @dataclass(frozen=True, slots=True, init=False)
 class RetryBudget:
-    """Fleet-wide cap on retries per key: retries ≤ ``ratio`` × admissions + ``min_per_second`` × ``window``, over the last ``window`` seconds."""
+    """Fleet-wide cap on retries per key, over the last ``window`` seconds.
+
+    Retries ≤ ``ratio`` × admissions + ``min_per_second`` × ``window``: an outage cannot
+    multiply the load on an upstream by more than ``1 + ratio``.
+    """
 
     ratio: float
     min_per_second: float
@@ -299,11 +340,15 @@ class RetryPolicy:
         _set(self, "backoff", parse_duration("retry.backoff", backoff))
         cap = parse_duration("retry.backoff_max", backoff_max)
         if cap < self.backoff:
-            raise ConfigurationError("retry.backoff_max", backoff_max, f"expected a duration >= backoff ({self.backoff:g}s)")
+            raise ConfigurationError(
+                "retry.backoff_max", backoff_max, f"expected a duration >= backoff ({self.backoff:g}s)"
+            )
         _set(self, "backoff_max", cap)
         _set(self, "multiplier", _number("retry.multiplier", multiplier, low=1))
         if jitter not in ("full", "equal", "decorrelated", "none"):
-            raise ConfigurationError("retry.jitter", jitter, 'expected "full", "equal", "decorrelated" or "none"')
+            raise ConfigurationError(
+                "retry.jitter", jitter, 'expected "full", "equal", "decorrelated" or "none"'
+            )
         _set(self, "jitter", jitter)
         _set(self, "retry_on", _exception_types("retry.retry_on", retry_on))
         _set(self, "give_up_on", _exception_types("retry.give_up_on", give_up_on))
@@ -364,7 +409,11 @@ class DeferPolicy:
         _set(self, "deadline", parse_duration("defer.deadline", deadline, allow_zero=False, allow_none=True))
         _set(self, "max_delay", parse_duration("defer.max_delay", max_delay, allow_zero=False))
         _set(self, "jitter", _number("defer.jitter", jitter, low=0, high=1))
-        _set(self, "open_spread", None if open_spread is None else parse_duration("defer.open_spread", open_spread))
+        _set(
+            self,
+            "open_spread",
+            None if open_spread is None else parse_duration("defer.open_spread", open_spread),
+        )
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -439,7 +488,9 @@ class Policy:
         lease: Duration = 300.0,
     ) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in "{}\n\r\t "):
-            raise ConfigurationError("policy.name", name, "expected a non-empty name without spaces or braces")
+            raise ConfigurationError(
+                "policy.name", name, "expected a non-empty name without spaces or braces"
+            )
         _set(self, "name", name)
         _set(self, "key", KeyTemplate.of(key if key is not None else name, "policy.key"))
         _check_type("breaker", breaker, Breaker)
@@ -519,7 +570,9 @@ class Policy:
                 if field == "breaker":
                     kwargs[field] = _build(Breaker, f"{where}.breaker", value)
                 elif field == "bulkhead":
-                    kwargs[field] = value if isinstance(value, int) else _build(Bulkhead, f"{where}.bulkhead", value)
+                    kwargs[field] = (
+                        value if isinstance(value, int) else _build(Bulkhead, f"{where}.bulkhead", value)
+                    )
                 elif field in ("rate", "rates"):
                     items = value if isinstance(value, list) else [value]
                     kwargs["rate"] = [
@@ -540,7 +593,9 @@ class Policy:
         except ConfigurationError as exc:
             if exc.field.startswith(where):
                 raise
-            raise ConfigurationError(f"{where}.{exc.field.removeprefix('policy.')}", exc.value, exc.expected) from None
+            raise ConfigurationError(
+                f"{where}.{exc.field.removeprefix('policy.')}", exc.value, exc.expected
+            ) from None
 
 
 def _check_type(field: str, value: object, cls: type) -> None:
@@ -559,7 +614,9 @@ def _rates(value: RateLimit | RateLike | Sequence[RateLimit | RateLike] | None) 
         elif isinstance(item, (str, Rate)):
             out.append(RateLimit(item))
         else:
-            raise ConfigurationError("policy.rate", item, 'expected a RateLimit, a Rate or a string like "100/s"')
+            raise ConfigurationError(
+                "policy.rate", item, 'expected a RateLimit, a Rate or a string like "100/s"'
+            )
     if len({limit.slot_id + repr(limit.key) for limit in out}) != len(out):
         raise ConfigurationError("policy.rate", value, "expected distinct rate limits")
     return tuple(out)
@@ -575,14 +632,14 @@ def _reject_unknown(where: str, data: Mapping[str, Any], allowed: set[str]) -> N
     for field in data:
         if field not in allowed:
             raise ConfigurationError(
-                f"{where}.{field}", data[field], f"unknown field; expected one of {', '.join(sorted(allowed))}"
+                f"{where}.{field}",
+                data[field],
+                f"unknown field; expected one of {', '.join(sorted(allowed))}",
             )
 
 
 def _build(cls: Callable[..., _T], where: str, value: object) -> _T:
     data = dict(_mapping(where, value))
-    import inspect
-
     params = inspect.signature(cls).parameters
     _reject_unknown(where, data, set(params))
     positional = [name for name, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -593,4 +650,6 @@ def _build(cls: Callable[..., _T], where: str, value: object) -> _T:
         leaf = exc.field.split(".")[-1]
         raise ConfigurationError(f"{where}.{leaf}", exc.value, exc.expected) from None
     except TypeError as exc:
-        raise ConfigurationError(where, value, f"expected the fields of {getattr(cls, '__name__', cls)} ({exc})") from None
+        raise ConfigurationError(
+            where, value, f"expected the fields of {getattr(cls, '__name__', cls)} ({exc})"
+        ) from None

@@ -10,6 +10,7 @@ arguments.
 from __future__ import annotations
 
 import math
+
 from .decisions import (
     BreakerState,
     DeferReason,
@@ -290,7 +291,9 @@ def admit_group(
         state.budget = budget
         budget.roll(group.budget.window, now)
         budget.cur_adm += 1
-    return GroupResult(True, now, generation=generation, probe=probe, reservations=booked, transitions=transitions)
+    return GroupResult(
+        True, now, generation=generation, probe=probe, reservations=booked, transitions=transitions
+    )
 
 
 def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | None:
@@ -307,7 +310,9 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | Non
             continue
         uncovered.append(i)
     if early > 0:
-        kept = tuple(s if s is not None and s + group.rates[i].grace >= now else 0.0 for i, s in enumerate(carried))
+        kept = tuple(
+            s if s is not None and s + group.rates[i].grace >= now else 0.0 for i, s in enumerate(carried)
+        )
         return _defer(now, "rate_limited", early, early=True, reservations=kept)
     if not uncovered:
         return None
@@ -451,7 +456,9 @@ def reset_breaker(state: KeyState, policy: str, key: str, now: float) -> tuple[T
     return (Transition(policy, key, was, "closed", breaker.generation, now),)
 
 
-def force_breaker(state: KeyState, to: BreakerState, policy: str, key: str, now: float) -> tuple[Transition, ...]:
+def force_breaker(
+    state: KeyState, to: BreakerState, policy: str, key: str, now: float
+) -> tuple[Transition, ...]:
     """Put the breaker in ``forced_open``, ``disabled`` or ``closed`` until changed again."""
     if to == "closed":
         return reset_breaker(state, policy, key, now)
@@ -473,8 +480,14 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
     leases = sum(1 for expiry in state.leases.values() if expiry > now)
     paused = state.paused_until if state.paused_until > now else None
     if breaker is None:
-        return KeyStatus(key, "closed", in_flight=leases, paused_until=paused,
-                         pause_reason=state.pause_reason if paused else None, rates=dict(state.tats))
+        return KeyStatus(
+            key,
+            "closed",
+            in_flight=leases,
+            paused_until=paused,
+            pause_reason=state.pause_reason if paused else None,
+            rates=dict(state.tats),
+        )
     shown: BreakerState = breaker.state
     if shown == "open" and now >= breaker.open_until:
         shown = "half_open"

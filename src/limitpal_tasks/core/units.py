@@ -6,13 +6,12 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Union
 
 from ..errors import ConfigurationError
 
 __all__ = ["Duration", "Rate", "RateLike", "parse_duration", "parse_rate"]
 
-Duration = Union[float, int, timedelta]
+Duration = float | int | timedelta
 """Seconds as a number, or a :class:`datetime.timedelta`."""
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -24,9 +23,7 @@ _DURATION_RE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(
-    field: str, value: object, *, allow_zero: bool = True, allow_none: bool = False
-) -> float:
+def parse_duration(field: str, value: object, *, allow_zero: bool = True, allow_none: bool = False) -> float:
     """Seconds from a number, a ``timedelta`` or a string such as ``"10m"``/``"250ms"``."""
     if value is None and allow_none:
         return math.inf
@@ -98,7 +95,7 @@ class Rate:
         return f"{self.limit:g}/{self.per:g}s"
 
 
-RateLike = Union[Rate, str]
+RateLike = Rate | str
 
 
 def parse_rate(value: RateLike, field: str = "rate") -> Rate:

@@ -7,7 +7,16 @@ from collections import OrderedDict, deque
 
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
-from ..core.decisions import AdmitRequest, BreakerState, GroupResult, KeyStatus, Outcome, RecordResult, Ticket, Transition
+from ..core.decisions import (
+    AdmitRequest,
+    BreakerState,
+    GroupResult,
+    KeyStatus,
+    Outcome,
+    RecordResult,
+    Ticket,
+    Transition,
+)
 from ..core.policy import RetryBudget
 from ..core.rules import (
     KeyState,
@@ -125,14 +134,23 @@ class MemoryStore:
         with self._lock:
             for group, generation in zip(ticket.groups, ticket.generations):
                 done, changed = record_group(
-                    self._state(group.key, now), group, ticket.id, generation, outcome,
-                    ticket.admitted_at, ticket.policy.name, now, rand,
+                    self._state(group.key, now),
+                    group,
+                    ticket.id,
+                    generation,
+                    outcome,
+                    ticket.admitted_at,
+                    ticket.policy.name,
+                    now,
+                    rand,
                 )
                 recorded = recorded or done
                 transitions += changed
         return RecordResult(now, transitions, recorded)
 
-    async def record_async(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> RecordResult:
+    async def record_async(
+        self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float
+    ) -> RecordResult:
         return self.record(ticket, outcome, now, rand)
 
     def spend_retry(self, key: str, budget: RetryBudget, now: float | None) -> bool:
@@ -170,7 +188,9 @@ class MemoryStore:
         with self._lock:
             return reset_breaker(self._state(key, now), policy, key, now)
 
-    def force(self, key: str, state: BreakerState, policy: str = "", now: float | None = None) -> tuple[Transition, ...]:
+    def force(
+        self, key: str, state: BreakerState, policy: str = "", now: float | None = None
+    ) -> tuple[Transition, ...]:
         if state not in ("forced_open", "disabled", "closed"):
             raise ConfigurationError("state", state, 'expected "forced_open", "disabled" or "closed"')
         now = self._now(now)
