@@ -53,7 +53,7 @@ class Group:
     pause_target: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdmitRequest:
     """One execution's admission, grouped by key in pipeline order."""
 

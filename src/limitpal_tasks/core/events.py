@@ -43,6 +43,8 @@ class HookRunner:
         log.exception("hook %r raised in %s; the task is not affected", hook, event)
 
     def transition(self, transitions: Sequence[Transition]) -> None:
+        if not transitions:
+            return
         for transition in transitions:
             log.info(
                 "breaker %s [%s] %s -> %s (generation %d)",
@@ -59,6 +61,8 @@ class HookRunner:
                     self._failed(hook, "on_transition")
 
     def decision(self, policy: str, decision: Decision) -> None:
+        if not self.hooks:
+            return
         for hook in self.hooks:
             try:
                 hook.on_decision(policy, decision)

@@ -178,6 +178,18 @@ class KeyTemplate:
                     "key", value, f"expected the key callable {self._func!r} to return a non-empty str"
                 )
             return escape_key_part(value, safe=":/@")
+        if len(self._parts) == 1 and not self._parts[0][3]:
+            literal, field_expr, root, _ = self._parts[0]
+            if field_expr == root:  # "prefix:{name}", the common shape
+                try:
+                    value = context.argument(root)
+                except KeyError:
+                    raise ConfigurationError(
+                        "key", self.source, f"expected argument {root!r} in the call of {context.task_name}"
+                    ) from None
+                return literal + escape_key_part(value if type(value) is str else str(value))
+            if field_expr is None:
+                return literal
         out: list[str] = []
         for literal, field_expr, root, spec in self._parts:
             out.append(literal)

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import Cooldown, StoreError
@@ -42,6 +42,7 @@ log = logging.getLogger("limitpal_tasks.pipeline")
 
 _STAGE_PAUSE = -1
 _STORE_RETRY_DELAY = 5.0
+_LAYOUT_CACHE = 4096  # distinct keys per policy whose groups are kept ready
 
 
 class _TicketIds:
@@ -86,7 +87,7 @@ class _Part:
 class _Layout:
     """A policy's components by key template, computed once per policy."""
 
-    __slots__ = ("policy", "slots", "templates")
+    __slots__ = ("cache", "policy", "slots", "templates")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -109,9 +110,20 @@ class _Layout:
         if retry_budget is not None:
             self.slots.append((index(retry_budget.key), None, None, None, retry_budget))
         self.templates = tuple(templates)
+        self.cache: dict[tuple[str, ...], tuple[Group, ...]] = {}
 
     def groups(self, context: TaskContext) -> tuple[Group, ...]:
-        rendered = [template.render(context) for template in self.templates]
+        rendered = tuple([template.render(context) for template in self.templates])
+        if context.reservations:
+            return self._build(rendered, context.reservations)
+        groups = self.cache.get(rendered)
+        if groups is None:
+            if len(self.cache) >= _LAYOUT_CACHE:
+                self.cache.clear()
+            groups = self.cache[rendered] = self._build(rendered, None)
+        return groups
+
+    def _build(self, rendered: tuple[str, ...], carried: Mapping[str, float] | None) -> tuple[Group, ...]:
         parts: dict[str, _Part] = {rendered[0]: _Part()}
         for i, breaker, bulkhead, limit, budget in self.slots:
             part = parts.get(rendered[i]) or parts.setdefault(rendered[i], _Part())
@@ -123,7 +135,6 @@ class _Layout:
                 part.rates.append(limit)
             else:
                 part.budget = budget
-        carried = context.reservations
         groups = [
             Group(
                 key=key,

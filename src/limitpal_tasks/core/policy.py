@@ -257,6 +257,8 @@ class RateLimit:
     reserve_ahead: float
     grace: float
     key: KeyTemplate | None
+    interval: float
+    slot_id: str
 
     def __init__(
         self,
@@ -272,11 +274,10 @@ class RateLimit:
         _set(self, "reserve_ahead", parse_duration("rate_limit.reserve_ahead", reserve_ahead))
         _set(self, "grace", parse_duration("rate_limit.grace", grace))
         _set(self, "key", _key("rate_limit.key", key))
-
-    @property
-    def slot_id(self) -> str:
-        """Names this limit's state under a key; two limits of one key never share it."""
-        return f"{self.rate.limit:g}/{self.rate.per:g}/{self.burst}"
+        # Derived once: the GCRA emission interval, and the name of this limit's state
+        # under a key (two limits of one key never share it).
+        _set(self, "interval", self.rate.interval)
+        _set(self, "slot_id", f"{self.rate.limit:g}/{self.rate.per:g}/{self.burst}")
 
 
 @dataclass(frozen=True, slots=True, init=False)

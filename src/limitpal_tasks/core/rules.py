@@ -264,13 +264,9 @@ def admit_group(
     booked: tuple[float, ...] = ()
     if group.rates:
         verdict = _check_rates(state, group, now)
-        if verdict is not None:
+        if isinstance(verdict, GroupResult):
             return verdict
-        carried = group.reservations or (None,) * len(group.rates)
-        booked = tuple(
-            slot if slot is not None and slot - EARLY_TOLERANCE <= now <= slot + limit.grace else 0.0
-            for slot, limit in zip(carried, group.rates)
-        )
+        booked = verdict
 
     # Commit: every check passed.
     transitions: tuple[Transition, ...] = ()
@@ -296,47 +292,61 @@ def admit_group(
     )
 
 
-def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | None:
-    """GCRA over every limit of the group; ``None`` when all conform (and are consumed)."""
-    carried = group.reservations or (None,) * len(group.rates)
-    early = 0.0
-    uncovered: list[int] = []
-    for i, limit in enumerate(group.rates):
-        slot = carried[i]
-        if slot is not None and slot - EARLY_TOLERANCE <= now <= slot + limit.grace:
-            continue
-        if slot is not None and now < slot:
-            early = max(early, slot - now)
-            continue
-        uncovered.append(i)
-    if early > 0:
-        kept = tuple(
-            s if s is not None and s + group.rates[i].grace >= now else 0.0 for i, s in enumerate(carried)
-        )
-        return _defer(now, "rate_limited", early, early=True, reservations=kept)
-    if not uncovered:
-        return None
+def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tuple[float, ...]:
+    """GCRA over every limit of the group.
+
+    Returns the deferral, or (all conform, now consumed) per limit the reserved slot the
+    execution used, ``0.0`` where it took a fresh token.
+    """
+    rates = group.rates
     tats = state.tats
+    if not group.reservations:  # the common case: nothing carried from a deferral
+        if len(rates) == 1:
+            limit = rates[0]
+            tat = tats.get(limit.slot_id, 0.0)
+            if tat < now:
+                tat = now
+            if tat + limit.interval * (1 - limit.burst) <= now:
+                tats[limit.slot_id] = tat + limit.interval
+                return (0.0,)
+        carried: tuple[float | None, ...] = (None,) * len(rates)
+        uncovered = list(range(len(rates)))
+    else:
+        carried = group.reservations
+        early = 0.0
+        uncovered = []
+        for i, limit in enumerate(rates):
+            slot = carried[i]
+            if slot is not None and slot - EARLY_TOLERANCE <= now <= slot + limit.grace:
+                continue
+            if slot is not None and now < slot:
+                early = max(early, slot - now)
+                continue
+            uncovered.append(i)
+        if early > 0:
+            kept = tuple(
+                s if s is not None and s + rates[i].grace >= now else 0.0 for i, s in enumerate(carried)
+            )
+            return _defer(now, "rate_limited", early, early=True, reservations=kept)
     target = now
     horizon = math.inf
     for i in uncovered:
-        limit = group.rates[i]
-        interval = limit.rate.interval
+        limit = rates[i]
         tat = max(tats.get(limit.slot_id, 0.0), now)
-        target = max(target, tat + interval - interval * limit.burst)
+        target = max(target, tat + limit.interval * (1 - limit.burst))
         horizon = min(horizon, limit.reserve_ahead)
     if target <= now:
         for i in uncovered:
-            limit = group.rates[i]
-            tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), now) + limit.rate.interval
-        return None
+            limit = rates[i]
+            tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), now) + limit.interval
+        return tuple(0.0 if i in uncovered else (carried[i] or 0.0) for i in range(len(rates)))
     if target - now > horizon:
         kept = tuple(s if s is not None and i not in uncovered else 0.0 for i, s in enumerate(carried))
         return _defer(now, "rate_limited", target - now - horizon, reservations=kept)
     for i in uncovered:
-        limit = group.rates[i]
-        tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), target) + limit.rate.interval
-    booked = tuple(target if i in uncovered else (carried[i] or 0.0) for i in range(len(group.rates)))
+        limit = rates[i]
+        tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), target) + limit.interval
+    booked = tuple(target if i in uncovered else (carried[i] or 0.0) for i in range(len(rates)))
     return _defer(now, "rate_limited", target - now, reservations=booked)
 
 
@@ -351,7 +361,7 @@ def release_group(state: KeyState, group: Group, ticket_id: str, admitted: Group
         state.breaker.probes.pop(ticket_id, None)
     for limit, slot in zip(group.rates, admitted.reservations):
         if slot == 0.0 and limit.slot_id in state.tats:
-            state.tats[limit.slot_id] -= limit.rate.interval
+            state.tats[limit.slot_id] -= limit.interval
 
 
 def record_group(

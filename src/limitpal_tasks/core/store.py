@@ -33,7 +33,7 @@ def reservation_id(key: str, slot_id: str) -> str:
     return f"{key}|{slot_id}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdmitResult:
     """A store's answer to :meth:`Store.admit`, before the pipeline adds jitter and bounds."""
 
@@ -50,8 +50,12 @@ class AdmitResult:
 
 def merge_admission(request: AdmitRequest, results: Sequence[GroupResult]) -> AdmitResult:
     """Fold per-group answers (evaluated in order, stopping at the first deferral) into one."""
-    transitions = tuple(t for r in results for t in r.transitions)
     last = results[-1]
+    if len(results) == 1 and last.admitted:
+        return AdmitResult(
+            True, last.now, generations=(last.generation,), probe=last.probe, transitions=last.transitions
+        )
+    transitions = tuple(t for r in results for t in r.transitions)
     if not last.admitted:
         reservations: dict[str, float] = {}
         for group, result in zip(request.groups, results):

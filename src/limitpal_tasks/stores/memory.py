@@ -33,7 +33,56 @@ from ..errors import ConfigurationError
 
 __all__ = ["MemoryStore"]
 
-_SWEEP_PER_CALL = 4
+_SWEEP_PER_CALL = 32
+_SHARDS = 16  # independent locks, so threads working on different keys rarely wait
+
+
+class _Shard:
+    """A slice of the keys with its own lock and LRU order."""
+
+    __slots__ = ("evicted", "idle_ttl", "keys", "lock", "max_keys", "ops")
+
+    def __init__(self, idle_ttl: float, max_keys: int) -> None:
+        self.lock = threading.Lock()
+        self.keys: OrderedDict[str, tuple[KeyState, list[float]]] = OrderedDict()
+        self.idle_ttl = idle_ttl
+        self.max_keys = max_keys
+        self.evicted = 0
+        self.ops = 0
+
+    # The caller holds ``lock`` for both methods.
+
+    def state(self, key: str, now: float) -> KeyState:
+        entry = self.keys.get(key)
+        if entry is None:
+            self.sweep(now)
+            entry = (KeyState(), [now])
+            self.keys[key] = entry
+            if len(self.keys) > self.max_keys:
+                self.keys.popitem(last=False)
+                self.evicted += 1
+        else:
+            entry[1][0] = now
+            self.keys.move_to_end(key)
+            self.ops += 1
+            if not self.ops & 15:  # look at the oldest keys every 16 operations: amortized O(1)
+                self.sweep(now)
+        return entry[0]
+
+    def sweep(self, now: float) -> None:
+        keys = self.keys
+        for _ in range(_SWEEP_PER_CALL):
+            if not keys:
+                return
+            key, (state, touched) = next(iter(keys.items()))
+            if touched[0] + self.idle_ttl > now:
+                return
+            if state.horizon() > now:
+                touched[0] = now
+                keys.move_to_end(key)
+            else:
+                del keys[key]
+                self.evicted += 1
 
 
 class MemoryStore:
@@ -62,46 +111,22 @@ class MemoryStore:
         if not max_keys >= 1:
             raise ConfigurationError("MemoryStore.max_keys", max_keys, "expected an integer >= 1")
         self._clock = clock or MonotonicClock()
-        self._idle_ttl = float(idle_ttl)
-        self._max_keys = int(max_keys)
-        self._lock = threading.Lock()
-        self._keys: OrderedDict[str, tuple[KeyState, list[float]]] = OrderedDict()
+        count = min(_SHARDS, int(max_keys))
+        self._shards = tuple(_Shard(float(idle_ttl), int(max_keys) // count) for _ in range(count))
+        self._dead_lock = threading.Lock()
         self._dead: OrderedDict[str, DeadLetter] = OrderedDict()
         self._dead_limit = dead_letter_limit
-        self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return sum(len(shard.keys) for shard in self._shards)
 
-    # -- bookkeeping (caller holds the lock) ----------------------------------
+    @property
+    def evicted(self) -> int:
+        """Keys evicted so far (idle past ``idle_ttl``, or beyond ``max_keys``)."""
+        return sum(shard.evicted for shard in self._shards)
 
-    def _state(self, key: str, now: float) -> KeyState:
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = (KeyState(), [now])
-            self._keys[key] = entry
-            if len(self._keys) > self._max_keys:
-                self._keys.popitem(last=False)
-                self.evicted += 1
-        else:
-            entry[1][0] = now
-            self._keys.move_to_end(key)
-        return entry[0]
-
-    def _sweep(self, now: float) -> None:
-        keys = self._keys
-        for _ in range(_SWEEP_PER_CALL):
-            if not keys:
-                return
-            key, (state, touched) = next(iter(keys.items()))
-            if touched[0] + self._idle_ttl > now:
-                return
-            if state.horizon() > now:
-                touched[0] = now
-                keys.move_to_end(key)
-            else:
-                del keys[key]
-                self.evicted += 1
+    def _shard(self, key: str) -> _Shard:
+        return self._shards[hash(key) % len(self._shards)]
 
     def _now(self, now: float | None) -> float:
         return self._clock.now() if now is None else now
@@ -110,18 +135,33 @@ class MemoryStore:
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
         now = self._now(request.now)
+        groups = request.groups
+        if len(groups) == 1:  # one key: one lock, nothing to compensate
+            group = groups[0]
+            shard = self._shard(group.key)
+            with shard.lock:
+                result = admit_group(
+                    shard.state(group.key, now), group, request.ticket_id, request.policy, now, request.rand
+                )
+            return merge_admission(request, (result,))
+        shards = [self._shard(group.key) for group in groups]
+        locks = sorted({id(shard): shard.lock for shard in shards}.items())  # one global order: no deadlock
         results: list[GroupResult] = []
-        with self._lock:
-            self._sweep(now)
-            states = [self._state(group.key, now) for group in request.groups]
-            for state, group in zip(states, request.groups):
+        for _, lock in locks:
+            lock.acquire()
+        try:
+            states = [shard.state(group.key, now) for shard, group in zip(shards, groups)]
+            for state, group in zip(states, groups):
                 result = admit_group(state, group, request.ticket_id, request.policy, now, request.rand)
                 results.append(result)
                 if not result.admitted:
-                    for done_state, done_group, done in zip(states, request.groups, results):
+                    for done_state, done_group, done in zip(states, groups, results):
                         if done.admitted:
                             release_group(done_state, done_group, request.ticket_id, done)
                     break
+        finally:
+            for _, lock in locks:
+                lock.release()
         return merge_admission(request, results)
 
     async def admit_async(self, request: AdmitRequest) -> AdmitResult:
@@ -131,10 +171,11 @@ class MemoryStore:
         now = self._now(now)
         transitions: tuple[Transition, ...] = ()
         recorded = False
-        with self._lock:
-            for group, generation in zip(ticket.groups, ticket.generations):
+        for group, generation in zip(ticket.groups, ticket.generations):
+            shard = self._shard(group.key)
+            with shard.lock:
                 done, changed = record_group(
-                    self._state(group.key, now),
+                    shard.state(group.key, now),
                     group,
                     ticket.id,
                     generation,
@@ -155,8 +196,9 @@ class MemoryStore:
 
     def spend_retry(self, key: str, budget: RetryBudget, now: float | None) -> bool:
         now = self._now(now)
-        with self._lock:
-            return spend_retry(self._state(key, now), budget, now)
+        shard = self._shard(key)
+        with shard.lock:
+            return spend_retry(shard.state(key, now), budget, now)
 
     async def spend_retry_async(self, key: str, budget: RetryBudget, now: float | None) -> bool:
         return self.spend_retry(key, budget, now)
@@ -165,28 +207,32 @@ class MemoryStore:
 
     def pause(self, key: str, seconds: float, reason: str, now: float | None = None) -> None:
         now = self._now(now)
-        with self._lock:
-            state = self._state(key, now)
+        shard = self._shard(key)
+        with shard.lock:
+            state = shard.state(key, now)
             state.paused_until = now + seconds
             state.pause_reason = reason
 
     def resume(self, key: str) -> None:
-        with self._lock:
-            entry = self._keys.get(key)
+        shard = self._shard(key)
+        with shard.lock:
+            entry = shard.keys.get(key)
             if entry is not None:
                 entry[0].paused_until = 0.0
                 entry[0].pause_reason = None
 
     def status(self, key: str, now: float | None = None) -> KeyStatus:
         now = self._now(now)
-        with self._lock:
-            entry = self._keys.get(key)
+        shard = self._shard(key)
+        with shard.lock:
+            entry = shard.keys.get(key)
             return status_of(entry[0] if entry else KeyState(), key, now)
 
     def reset(self, key: str, policy: str = "", now: float | None = None) -> tuple[Transition, ...]:
         now = self._now(now)
-        with self._lock:
-            return reset_breaker(self._state(key, now), policy, key, now)
+        shard = self._shard(key)
+        with shard.lock:
+            return reset_breaker(shard.state(key, now), policy, key, now)
 
     def force(
         self, key: str, state: BreakerState, policy: str = "", now: float | None = None
@@ -194,24 +240,25 @@ class MemoryStore:
         if state not in ("forced_open", "disabled", "closed"):
             raise ConfigurationError("state", state, 'expected "forced_open", "disabled" or "closed"')
         now = self._now(now)
-        with self._lock:
-            return force_breaker(self._state(key, now), state, policy, key, now)
+        shard = self._shard(key)
+        with shard.lock:
+            return force_breaker(shard.state(key, now), state, policy, key, now)
 
     # -- dead letters ---------------------------------------------------------
 
     def put_dead(self, letter: DeadLetter) -> None:
-        with self._lock:
+        with self._dead_lock:
             self._dead[letter.id] = letter
             while len(self._dead) > self._dead_limit:
                 self._dead.popitem(last=False)
 
     def list_dead(self, limit: int = 100) -> list[DeadLetter]:
-        with self._lock:
+        with self._dead_lock:
             newest: deque[DeadLetter] = deque(self._dead.values(), maxlen=limit)
         return list(reversed(newest))
 
     def take_dead(self, letter_id: str) -> DeadLetter | None:
-        with self._lock:
+        with self._dead_lock:
             return self._dead.pop(letter_id, None)
 
     def close(self) -> None:
