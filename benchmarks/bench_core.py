@@ -13,9 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import report  # noqa: E402 - benchmarks run as scripts
-
-from limitpal_tasks import Breaker, MemoryStore, Outcome, Pipeline, Policy, RateLimit, TaskContext  # noqa: E402
+from _table import report
+from limitpal_tasks import Breaker, MemoryStore, Outcome, Pipeline, Policy, RateLimit, TaskContext
 
 POLICY = Policy(
     "bench",

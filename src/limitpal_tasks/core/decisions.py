@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
 
@@ -111,7 +111,7 @@ class Admitted:
     ticket: Ticket
     transitions: tuple[Transition, ...] = ()
 
-    admitted = True
+    admitted: ClassVar[Literal[True]] = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +131,7 @@ class Deferred:
     exhausted: str | None = None
     transitions: tuple[Transition, ...] = ()
 
-    admitted = False
+    admitted: ClassVar[Literal[False]] = False
 
 
 Decision = Admitted | Deferred

@@ -304,8 +304,7 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
         if len(rates) == 1:
             limit = rates[0]
             tat = tats.get(limit.slot_id, 0.0)
-            if tat < now:
-                tat = now
+            tat = max(tat, now)
             if tat + limit.interval * (1 - limit.burst) <= now:
                 tats[limit.slot_id] = tat + limit.interval
                 return (0.0,)
