@@ -5,3 +5,16 @@ from __future__ import annotations
 from .memory import MemoryStore
 
 __all__ = ["MemoryStore"]
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore needs the optional redis-py client: import it only when asked for.
+    if name == "RedisStore":
+        try:
+            from .redis import RedisStore  # noqa: PLC0415
+        except ModuleNotFoundError as exc:
+            if exc.name != "redis":
+                raise
+            raise ImportError("RedisStore needs redis-py: pip install 'limitpal-tasks[redis]'") from exc
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,193 @@
+-- admit.lua: admit one execution across its key groups, all or nothing
+-- (pause -> breaker -> bulkhead -> rate limits; see core/rules.py:admit_group).
+--
+-- KEYS: 4 per group, in group order: s, l, p, w (see _lib.lua) of the group's key.
+-- ARGV: now ('' = server TIME), ticket id, rand, policy, idle_ttl, group count, then per group:
+--   key, lease, breaker (0|1), open_for, half_open_probes, busy_delay,
+--   bulkhead (0|1), max_concurrent, bulkhead lease ('' = lease), retry_delay,
+--   budget window ('' = none), rate count, then per rate:
+--     slot id, interval, burst, reserve_ahead, grace, carried slot ('' = none)
+-- Returns: {now, results...}; one result per group evaluated (stopping at the first deferral):
+--   {admitted 0|1, reason, delay, generation, probe 0|1, early 0|1, {slots...}, {transitions...}}
+--   where a transition is {key, from, to, generation}. Numbers are returned as strings.
+-- A deferral releases what earlier groups took; only booked rate-limit slots stay booked.
+
+local now = clock(ARGV[1])
+local ticket, rand, policy, idle_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local ngroups = tonumber(ARGV[6])
+
+local groups, pos = {}, 7
+for g = 1, ngroups do
+  local G = {}
+  G.key = ARGV[pos]; G.lease = tonumber(ARGV[pos + 1])
+  G.breaker = ARGV[pos + 2] == '1'; G.open_for = tonumber(ARGV[pos + 3])
+  G.probes = tonumber(ARGV[pos + 4]); G.busy_delay = tonumber(ARGV[pos + 5])
+  G.bulkhead = ARGV[pos + 6] == '1'; G.max = tonumber(ARGV[pos + 7])
+  G.bh_lease = tonumber(ARGV[pos + 8]); G.retry_delay = tonumber(ARGV[pos + 9])
+  G.budget = tonumber(ARGV[pos + 10])
+  local nrates = tonumber(ARGV[pos + 11])
+  pos = pos + 12
+  G.rates = {}
+  for i = 1, nrates do
+    G.rates[i] = {
+      slot = ARGV[pos], interval = tonumber(ARGV[pos + 1]), burst = tonumber(ARGV[pos + 2]),
+      ahead = tonumber(ARGV[pos + 3]), grace = tonumber(ARGV[pos + 4]), carried = tonumber(ARGV[pos + 5]),
+    }
+    pos = pos + 6
+  end
+  local k = (g - 1) * 4
+  G.s, G.l, G.p, G.w = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  groups[g] = G
+end
+
+local function defer(reason, delay, early, slots)
+  return {0, reason, fmt(math.max(0, delay)), '0', 0, early and 1 or 0, slots or {}, {}}
+end
+
+local function slot_list(values)
+  local out = {}
+  for i, v in ipairs(values) do out[i] = fmt(v) end
+  return out
+end
+
+-- GCRA over the group's limits: a deferral, or the slots used per limit (0 = fresh token).
+local function check_rates(G)
+  local rates, s = G.rates, G.s
+  local uncovered, is_uncovered, early = {}, {}, 0.0
+  for i, r in ipairs(rates) do
+    local slot = r.carried
+    if slot ~= nil and slot - 0.001 <= now and now <= slot + r.grace then
+      -- covered by its reservation
+    elseif slot ~= nil and now < slot then
+      early = math.max(early, slot - now)
+    else
+      uncovered[#uncovered + 1] = i
+      is_uncovered[i] = true
+    end
+  end
+  if early > 0 then
+    local kept = {}
+    for i, r in ipairs(rates) do
+      kept[i] = (r.carried ~= nil and r.carried + r.grace >= now) and r.carried or 0.0
+    end
+    return defer('rate_limited', early, true, slot_list(kept))
+  end
+  local target, ahead = now, math.huge
+  for _, i in ipairs(uncovered) do
+    local r = rates[i]
+    local tat = math.max(num(s, 'r:' .. r.slot, 0.0), now)
+    target = math.max(target, tat + r.interval * (1 - r.burst))
+    ahead = math.min(ahead, r.ahead)
+  end
+  local used = {}
+  if target <= now then
+    for _, i in ipairs(uncovered) do
+      local r = rates[i]
+      local tat = math.max(num(s, 'r:' .. r.slot, 0.0), now) + r.interval
+      redis.call('HSET', s, 'r:' .. r.slot, fmt(tat))
+      extend(s, tat)
+    end
+    for i, r in ipairs(rates) do used[i] = is_uncovered[i] and 0.0 or (r.carried or 0.0) end
+    return nil, used
+  end
+  if target - now > ahead then
+    local kept = {}
+    for i, r in ipairs(rates) do kept[i] = (r.carried ~= nil and not is_uncovered[i]) and r.carried or 0.0 end
+    return defer('rate_limited', target - now - ahead, false, slot_list(kept))
+  end
+  for _, i in ipairs(uncovered) do
+    local r = rates[i]
+    local tat = math.max(num(s, 'r:' .. r.slot, 0.0), target) + r.interval
+    redis.call('HSET', s, 'r:' .. r.slot, fmt(tat))
+    extend(s, tat)
+  end
+  local booked = {}
+  for i, r in ipairs(rates) do booked[i] = is_uncovered[i] and target or (r.carried or 0.0) end
+  return defer('rate_limited', target - now, false, slot_list(booked))
+end
+
+local function admit_group(G)
+  local s, l, p = G.s, G.l, G.p
+  local paused = num(s, 'pu', 0)
+  if paused > now then return defer('paused', paused - now) end
+
+  local half_open_now, probe, generation = false, false, 0
+  if G.breaker then
+    local state = redis.call('HGET', s, 'bs')
+    if not state then
+      state = 'closed'
+      redis.call('HSET', s, 'bs', state)
+    end
+    generation = num(s, 'bg', 0)
+    if state == 'forced_open' then return defer('breaker_open', G.open_for) end
+    if state == 'open' then
+      local open_until = num(s, 'bo', 0)
+      if now < open_until then return defer('breaker_open', open_until - now) end
+      half_open_now, probe, generation = true, true, generation + 1
+    elseif state == 'half_open' then
+      redis.call('ZREMRANGEBYSCORE', p, '-inf', fmt(now))
+      if redis.call('ZCARD', p) >= G.probes - num(s, 'bk', 0) then
+        return defer('half_open_busy', earliest(p, now, G.busy_delay))
+      end
+      probe = true
+    end
+  end
+
+  local lease_for = G.lease
+  if G.bulkhead then
+    lease_for = G.bh_lease or lease_for
+    redis.call('ZREMRANGEBYSCORE', l, '-inf', fmt(now))
+    if redis.call('ZCARD', l) >= G.max then
+      return defer('concurrency', earliest(l, now, G.retry_delay))
+    end
+  end
+
+  local used = {}
+  if #G.rates > 0 then
+    local deferred
+    deferred, used = check_rates(G)
+    if deferred then return deferred end
+  end
+
+  -- Commit: every check passed.
+  local transitions = {}
+  if G.breaker then
+    if half_open_now then
+      redis.call('HSET', s, 'bs', 'half_open', 'bg', fmt(generation), 'bk', '0', 'bw', '0')
+      redis.call('DEL', p)
+      transitions[1] = {G.key, 'open', 'half_open', fmt(generation)}
+    end
+    if probe then redis.call('ZADD', p, fmt(now + lease_for), ticket) end
+  end
+  redis.call('ZADD', l, fmt(now + lease_for), ticket)
+  extend(s, now + lease_for)
+  if G.budget then
+    budget_roll(s, G.budget, now)
+    redis.call('HINCRBY', s, 'ya', 1)
+  end
+  return {1, '', '0', fmt(generation), probe and 1 or 0, 0, slot_list(used), transitions}
+end
+
+local function release_group(G, result)
+  redis.call('ZREM', G.l, ticket)
+  redis.call('ZREM', G.p, ticket)
+  for i, r in ipairs(G.rates) do
+    if tonumber(result[7][i]) == 0 then
+      local tat = redis.call('HGET', G.s, 'r:' .. r.slot)
+      if tat then redis.call('HSET', G.s, 'r:' .. r.slot, fmt(tonumber(tat) - r.interval)) end
+    end
+  end
+end
+
+local out = {fmt(now)}
+for g = 1, ngroups do
+  local G = groups[g]
+  local result = admit_group(G)
+  out[#out + 1] = result
+  touch(G.s, G.l, G.p, G.w, now, idle_ttl)
+  if result[1] == 0 then
+    for d = 1, g - 1 do release_group(groups[d], out[d + 1]) end
+    break
+  end
+end
+return out

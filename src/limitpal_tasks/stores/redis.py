@@ -1,0 +1,597 @@
+"""RedisStore: state shared by every worker process on every host, one Lua round trip per decision.
+
+Each key's state lives under ``{prefix}:{<key>}:<part>`` — the key inside a hash tag, so
+all of it sits in one Redis Cluster slot — and carries a TTL re-armed by every write.
+Scripts read the server's ``TIME`` so hosts with skewed clocks agree; tests pass an
+explicit ``now`` through a :class:`~limitpal_tasks.MockClock`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.cluster
+from redis.commands.core import AsyncScript, Script
+
+from ..core.clock import Clock, MonotonicClock
+from ..core.deadletter import DeadLetter
+from ..core.decisions import (
+    AdmitRequest,
+    BreakerState,
+    DeferReason,
+    Group,
+    GroupResult,
+    KeyStatus,
+    Outcome,
+    RecordResult,
+    Ticket,
+    Transition,
+)
+from ..core.policy import RetryBudget
+from ..core.store import AdmitResult, merge_admission
+from ..errors import ConfigurationError, StoreError
+
+__all__ = ["RedisStore"]
+
+_T = TypeVar("_T")
+_SCRIPTS = ("admit", "record", "retry", "control", "dead")
+_ENCODE_CACHE = 8192
+
+
+def _load(name: str) -> str:
+    folder = resources.files("limitpal_tasks.stores") / "lua"
+    return (folder / "_lib.lua").read_text("utf-8") + "\n" + (folder / f"{name}.lua").read_text("utf-8")
+
+
+def _f(value: float) -> str:
+    return repr(float(value))
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Guard:
+    """A local breaker around the store: after repeated failures, fail fast for a while.
+
+    During an outage this keeps every task from paying ``store_timeout``; one call is let
+    through after each pause (growing from 0.5 s to 10 s) to find out whether Redis is back.
+    """
+
+    def __init__(self, clock: Clock, threshold: int = 3, pause: float = 0.5, max_pause: float = 10.0) -> None:
+        self._clock = clock
+        self._threshold = threshold
+        self._base = pause
+        self._max = max_pause
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._pause = pause
+        self._until = 0.0
+
+    def check(self) -> None:
+        if self._failures >= self._threshold:
+            now = self._clock.now()
+            with self._lock:
+                if now < self._until:
+                    raise StoreError(f"store unavailable (failing fast for {self._until - now:.2f}s more)")
+                self._until = now + self._pause  # let this one call through; others keep failing fast
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._failures >= self._threshold:
+                self._until = self._clock.now() + self._pause
+                self._pause = min(self._max, self._pause * 2)
+
+    def succeeded(self) -> None:
+        if self._failures:
+            with self._lock:
+                self._failures = 0
+                self._pause = self._base
+
+
+class RedisStore:
+    """The fleet-wide store. Build it with :meth:`from_url`::
+
+        store = RedisStore.from_url("redis://localhost:6379/0", prefix="limitpal", store_timeout=0.25)
+
+    Works with Redis ≥ 6.2, Valkey, Redis Cluster (``redis+cluster://`` or ``cluster=True``),
+    ``rediss://`` TLS and ACL users (``redis://user:password@host``). A policy whose
+    components share one key costs one round trip per ``admit`` and per ``record``;
+    on a cluster, a policy with several keys costs one round trip per distinct key.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | redis.cluster.RedisCluster,
+        *,
+        prefix: str = "limitpal",
+        clock: Clock | None = None,
+        idle_ttl: float = 3600.0,
+        async_factory: Callable[[], redis.asyncio.Redis | redis.asyncio.RedisCluster] | None = None,
+        dead_letter_limit: int = 10_000,
+        dead_letter_ttl: float = 30 * 86400,
+    ) -> None:
+        if not prefix or any(c in prefix for c in "{} \n"):
+            raise ConfigurationError("prefix", prefix, "expected a non-empty name without braces or spaces")
+        if not idle_ttl > 0:
+            raise ConfigurationError("idle_ttl", idle_ttl, "expected seconds > 0")
+        self._client = client
+        self._cluster = isinstance(client, redis.cluster.RedisCluster)
+        self.prefix = prefix
+        self._clock = clock
+        self._idle = _f(idle_ttl)
+        self._scripts: dict[str, Script] = {name: client.register_script(_load(name)) for name in _SCRIPTS}
+        self._async_factory = async_factory
+        self._async_client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None
+        self._async_scripts: dict[str, AsyncScript] = {}
+        self._guard = _Guard(clock or MonotonicClock())
+        self._encoded: dict[int, tuple[Group, list[str], list[str]]] = {}
+        self._dead_limit = str(int(dead_letter_limit))
+        self._dead_ttl = str(int(dead_letter_ttl))
+        self._dead_keys = [f"{prefix}:{{dead}}:h", f"{prefix}:{{dead}}:z"]
+
+    # -- construction -----------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "limitpal",
+        store_timeout: float = 0.25,
+        clock: Clock | None = None,
+        cluster: bool | None = None,
+        idle_ttl: float = 3600.0,
+        **client_options: Any,
+    ) -> RedisStore:
+        """Connect to ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` (``?cluster=true``)."""
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        scheme = parts.scheme
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            scheme = scheme.split("+")[0]
+            cluster = True if cluster is None else cluster
+        if "cluster" in query:
+            cluster = query.pop("cluster")[0].lower() in ("1", "true", "yes")
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(
+                "store_url", url, "expected a redis://, rediss://, unix:// or redis+cluster:// URL"
+            )
+        if not store_timeout > 0:
+            raise ConfigurationError("store_timeout", store_timeout, "expected seconds > 0")
+        clean = urlunsplit((scheme, parts.netloc, parts.path, urlencode(query, doseq=True), parts.fragment))
+        options: dict[str, Any] = {
+            "socket_timeout": store_timeout,
+            "socket_connect_timeout": store_timeout,
+            **client_options,
+        }
+        client: redis.Redis | redis.cluster.RedisCluster
+        async_factory: Callable[[], redis.asyncio.Redis | redis.asyncio.RedisCluster]
+        if cluster:
+            client = redis.cluster.RedisCluster.from_url(clean, **options)
+
+            def async_factory() -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+                return redis.asyncio.RedisCluster.from_url(clean, **options)
+        else:
+            client = redis.Redis.from_url(clean, **options)
+
+            def async_factory() -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+                return redis.asyncio.Redis.from_url(clean, **options)
+
+        return cls(client, prefix=prefix, clock=clock, idle_ttl=idle_ttl, async_factory=async_factory)
+
+    @property
+    def client(self) -> redis.Redis | redis.cluster.RedisCluster:
+        return self._client
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _keys(self, key: str) -> list[str]:
+        base = f"{self.prefix}:{{{key}}}:"
+        return [base + "s", base + "l", base + "p", base + "w"]
+
+    def _now(self, now: float | None) -> str:
+        if now is None and self._clock is not None:
+            now = self._clock.now()
+        return "" if now is None else _f(now)
+
+    def _call(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        self._guard.check()
+        try:
+            reply = self._scripts[name](keys=keys, args=args)
+        except redis.RedisError as exc:
+            self._guard.failed()
+            raise StoreError(f"redis {name} failed: {exc}") from exc
+        self._guard.succeeded()
+        return reply
+
+    async def _call_async(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        self._guard.check()
+        try:
+            script = self._async_scripts.get(name)
+            if script is None:
+                script = self._async_script(name)
+            reply = await script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            self._guard.failed()
+            raise StoreError(f"redis {name} failed: {exc}") from exc
+        self._guard.succeeded()
+        return reply
+
+    def _async_script(self, name: str) -> AsyncScript:
+        if self._async_client is None:
+            if self._async_factory is None:
+                raise StoreError("this RedisStore has no asyncio client; build it with RedisStore.from_url")
+            self._async_client = self._async_factory()
+        script = self._async_scripts[name] = self._async_client.register_script(_load(name))
+        return script
+
+    @staticmethod
+    def _parse(what: str, parse: Callable[[], _T]) -> _T:
+        try:
+            return parse()
+        except (ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"garbled reply from redis to {what}: {exc!r}") from exc
+
+    def _encode(self, group: Group) -> tuple[list[str], list[str]]:
+        """(admit ARGV, record ARGV without the generation) for a group; cached when reusable."""
+        cached = self._encoded.get(id(group))
+        if cached is not None and cached[0] is group:
+            return cached[1], cached[2]
+        b, bh = group.breaker, group.bulkhead
+        admit = [
+            group.key,
+            _f(group.lease),
+            "1" if b else "0",
+            _f(b.open_for) if b else "0",
+            str(b.half_open_probes) if b else "0",
+            _f(b.busy_delay) if b else "0",
+            "1" if bh else "0",
+            str(bh.max_concurrent) if bh else "0",
+            _f(bh.lease) if bh is not None and bh.lease is not None else "",
+            _f(bh.retry_delay) if bh else "0",
+            _f(group.budget.window) if group.budget else "",
+            str(len(group.rates)),
+        ]
+        carried = group.reservations or (None,) * len(group.rates)
+        for limit, slot in zip(group.rates, carried):
+            admit += [
+                limit.slot_id,
+                _f(limit.interval),
+                str(limit.burst),
+                _f(limit.reserve_ahead),
+                _f(limit.grace),
+                "" if slot is None else _f(slot),
+            ]
+        record = [group.key, "1" if group.pause_target else "0"]
+        if b is None:
+            record += ["0"] * 12
+        else:
+            record += [
+                "1",
+                b.window_type,
+                _f(b.window),
+                str(b.minimum_calls),
+                _f(b.failure_rate_threshold),
+                "" if b.slow_call_duration == float("inf") else _f(b.slow_call_duration),
+                _f(b.slow_call_rate_threshold),
+                _f(b.open_for),
+                _f(b.open_for_max),
+                _f(b.multiplier),
+                _f(b.open_jitter),
+                str(b.half_open_probes),
+            ]
+        if not group.reservations:
+            if len(self._encoded) >= _ENCODE_CACHE:
+                self._encoded.clear()
+            self._encoded[id(group)] = (group, admit, record)
+        return admit, record
+
+    # -- admit --------------------------------------------------------------------
+
+    def _admit_calls(self, request: AdmitRequest) -> list[tuple[list[str], list[str]]]:
+        """The script calls for a request: one for all groups, or one per group on a cluster."""
+        head = [self._now(request.now), request.ticket_id, _f(request.rand), request.policy, self._idle]
+        batches = [list(request.groups)] if not self._cluster else [[g] for g in request.groups]
+        calls = []
+        for batch in batches:
+            keys: list[str] = []
+            args = [*head, str(len(batch))]
+            for group in batch:
+                keys += self._keys(group.key)
+                args += self._encode(group)[0]
+            calls.append((keys, args))
+        return calls
+
+    def _admit_reply(self, request: AdmitRequest, replies: list[Any]) -> AdmitResult:
+        def parse() -> AdmitResult:
+            results: list[GroupResult] = []
+            for reply in replies:
+                now = float(reply[0])
+                for item in reply[1:]:
+                    transitions = tuple(
+                        Transition(
+                            request.policy,
+                            _s(t[0]),
+                            cast(BreakerState, _s(t[1])),
+                            cast(BreakerState, _s(t[2])),
+                            int(float(t[3])),
+                            now,
+                        )
+                        for t in item[7]
+                    )
+                    results.append(
+                        GroupResult(
+                            admitted=item[0] == 1,
+                            now=now,
+                            reason=cast(DeferReason, _s(item[1])) if item[0] != 1 else None,
+                            delay=float(item[2]),
+                            generation=int(float(item[3])),
+                            probe=item[4] == 1,
+                            early=item[5] == 1,
+                            reservations=tuple(float(x) for x in item[6]),
+                            transitions=transitions,
+                        )
+                    )
+            return merge_admission(request, results)
+
+        return self._parse("admit", parse)
+
+    def admit(self, request: AdmitRequest) -> AdmitResult:
+        calls = self._admit_calls(request)
+        replies: list[Any] = []
+        for i, (keys, args) in enumerate(calls):
+            reply = self._call("admit", keys, args)
+            replies.append(reply)
+            if self._deferred(reply):  # cluster: give back what earlier groups took
+                if i:
+                    self._release(request, replies[:-1])
+                break
+        return self._admit_reply(request, replies)
+
+    async def admit_async(self, request: AdmitRequest) -> AdmitResult:
+        calls = self._admit_calls(request)
+        replies: list[Any] = []
+        for i, (keys, args) in enumerate(calls):
+            reply = await self._call_async("admit", keys, args)
+            replies.append(reply)
+            if self._deferred(reply):
+                if i:
+                    await self._release_async(request, replies[:-1])
+                break
+        return self._admit_reply(request, replies)
+
+    @staticmethod
+    def _deferred(reply: Any) -> bool:
+        try:
+            return bool(reply[-1][0] != 1)
+        except (TypeError, IndexError) as exc:
+            raise StoreError(f"garbled reply from redis to admit: {reply!r}") from exc
+
+    def _release_calls(self, request: AdmitRequest, replies: list[Any]) -> list[tuple[list[str], list[str]]]:
+        calls = []
+        for group, reply in zip(request.groups, replies):
+            used = reply[1][6]
+            refunds = [
+                item
+                for limit, slot in zip(group.rates, used)
+                if float(slot) == 0.0
+                for item in (limit.slot_id, _f(limit.interval))
+            ]
+            args = [self._now(request.now), "release", group.key, request.ticket_id, "", self._idle, *refunds]
+            calls.append((self._keys(group.key), args))
+        return calls
+
+    def _release(self, request: AdmitRequest, replies: list[Any]) -> None:
+        for keys, args in self._release_calls(request, replies):
+            self._call("control", keys, args)
+
+    async def _release_async(self, request: AdmitRequest, replies: list[Any]) -> None:
+        for keys, args in self._release_calls(request, replies):
+            await self._call_async("control", keys, args)
+
+    # -- record -------------------------------------------------------------------
+
+    def _record_calls(
+        self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float
+    ) -> list[tuple[list[str], list[str]]]:
+        head = [
+            self._now(now),
+            ticket.id,
+            _f(rand),
+            ticket.policy.name,
+            self._idle,
+            outcome.kind,
+            "" if outcome.duration is None else _f(outcome.duration),
+            _f(ticket.admitted_at),
+            _f(outcome.retry_after),
+        ]
+        pairs = list(zip(ticket.groups, ticket.generations))
+        batches = [pairs] if not self._cluster else [[p] for p in pairs]
+        calls = []
+        for batch in batches:
+            keys: list[str] = []
+            args = [*head, str(len(batch))]
+            for group, generation in batch:
+                keys += self._keys(group.key)
+                record = self._encode(group)[1]
+                args += [record[0], record[1], str(generation), *record[2:]]
+            calls.append((keys, args))
+        return calls
+
+    def _record_reply(self, ticket: Ticket, replies: list[Any]) -> RecordResult:
+        def parse() -> RecordResult:
+            now = float(replies[-1][0])
+            transitions = tuple(
+                Transition(
+                    ticket.policy.name,
+                    _s(t[0]),
+                    cast(BreakerState, _s(t[1])),
+                    cast(BreakerState, _s(t[2])),
+                    int(float(t[3])),
+                    now,
+                )
+                for reply in replies
+                for t in reply[2]
+            )
+            return RecordResult(now, transitions, any(reply[1] == 1 for reply in replies))
+
+        return self._parse("record", parse)
+
+    def record(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> RecordResult:
+        replies = [
+            self._call("record", keys, args) for keys, args in self._record_calls(ticket, outcome, now, rand)
+        ]
+        return self._record_reply(ticket, replies)
+
+    async def record_async(
+        self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float
+    ) -> RecordResult:
+        replies = [
+            await self._call_async("record", keys, args)
+            for keys, args in self._record_calls(ticket, outcome, now, rand)
+        ]
+        return self._record_reply(ticket, replies)
+
+    # -- retry budget -------------------------------------------------------------
+
+    def _retry_args(self, budget: RetryBudget, now: float | None) -> list[str]:
+        return [self._now(now), _f(budget.ratio), _f(budget.min_per_second), _f(budget.window), self._idle]
+
+    def spend_retry(self, key: str, budget: RetryBudget, now: float | None) -> bool:
+        return bool(self._call("retry", self._keys(key), self._retry_args(budget, now)) == 1)
+
+    async def spend_retry_async(self, key: str, budget: RetryBudget, now: float | None) -> bool:
+        return bool(await self._call_async("retry", self._keys(key), self._retry_args(budget, now)) == 1)
+
+    # -- operators ------------------------------------------------------------------
+
+    def _control(
+        self,
+        key: str,
+        action: str,
+        now: float | None,
+        seconds: float = 0.0,
+        reason: str = "",
+        policy: str = "",
+    ) -> tuple[Transition, ...]:
+        reply = self._call(
+            "control", self._keys(key), [self._now(now), action, key, _f(seconds), reason, self._idle]
+        )
+
+        def parse() -> tuple[Transition, ...]:
+            at = float(reply[0])
+            return tuple(
+                Transition(
+                    policy,
+                    _s(t[0]),
+                    cast(BreakerState, _s(t[1])),
+                    cast(BreakerState, _s(t[2])),
+                    int(float(t[3])),
+                    at,
+                )
+                for t in reply[1]
+            )
+
+        return self._parse(action, parse)
+
+    def pause(self, key: str, seconds: float, reason: str, now: float | None = None) -> None:
+        self._control(key, "pause", now, seconds, reason)
+
+    def resume(self, key: str) -> None:
+        self._control(key, "resume", None)
+
+    def reset(self, key: str, policy: str = "", now: float | None = None) -> tuple[Transition, ...]:
+        return self._control(key, "reset", now, policy=policy)
+
+    def force(
+        self, key: str, state: BreakerState, policy: str = "", now: float | None = None
+    ) -> tuple[Transition, ...]:
+        if state not in ("forced_open", "disabled", "closed"):
+            raise ConfigurationError("state", state, 'expected "forced_open", "disabled" or "closed"')
+        return self._control(key, "reset" if state == "closed" else state, now, policy=policy)
+
+    def status(self, key: str, now: float | None = None) -> KeyStatus:
+        scalars, leases, probes_key, _ = self._keys(key)
+        self._guard.check()
+        try:
+            if now is None and self._clock is not None:
+                now = self._clock.now()
+            if now is None:
+                seconds, micros = self._client.time()
+                now = seconds + micros / 1_000_000
+            fields = cast(dict[bytes, bytes], self._client.hgetall(scalars))
+            in_flight = int(self._client.zcount(leases, f"({_f(now)}", "+inf"))
+            probes = int(self._client.zcount(probes_key, f"({_f(now)}", "+inf"))
+        except redis.RedisError as exc:
+            self._guard.failed()
+            raise StoreError(f"redis status failed: {exc}") from exc
+        at = now
+
+        def parse() -> KeyStatus:
+            data = {_s(k): _s(v) for k, v in fields.items()}
+            state = cast(BreakerState, data.get("bs", "closed"))
+            open_until = float(data.get("bo", 0))
+            shown: BreakerState = "half_open" if state == "open" and at >= open_until else state
+            paused = float(data.get("pu", 0))
+            return KeyStatus(
+                key,
+                shown,
+                generation=int(float(data.get("bg", 0))),
+                open_until=open_until if state == "open" else None,
+                calls=int(float(data.get("tc", 0))),
+                failures=int(float(data.get("tf", 0))),
+                slow_calls=int(float(data.get("tl", 0))),
+                in_flight=in_flight,
+                probes_in_flight=probes,
+                paused_until=paused if paused > at else None,
+                pause_reason=data.get("pr") if paused > at else None,
+                rates={k[2:]: float(v) for k, v in data.items() if k.startswith("r:")},
+            )
+
+        return self._parse("status", parse)
+
+    # -- dead letters -----------------------------------------------------------------
+
+    def put_dead(self, letter: DeadLetter) -> None:
+        self._call(
+            "dead",
+            self._dead_keys,
+            ["put", letter.id, letter.to_json(), _f(letter.dead_at), self._dead_limit, self._dead_ttl],
+        )
+
+    def list_dead(self, limit: int = 100) -> list[DeadLetter]:
+        h, z = self._dead_keys
+        try:
+            ids = cast(list[bytes], self._client.zrevrange(z, 0, limit - 1))
+            entries = cast(list[bytes | None], self._client.hmget(h, ids)) if ids else []
+        except redis.RedisError as exc:
+            raise StoreError(f"redis dead-letter list failed: {exc}") from exc
+        return self._parse("dead list", lambda: [DeadLetter.from_json(e) for e in entries if e is not None])
+
+    def take_dead(self, letter_id: str) -> DeadLetter | None:
+        entry = self._call("dead", self._dead_keys, ["take", letter_id])
+        if not entry:
+            return None
+        return self._parse("dead take", lambda: DeadLetter.from_json(entry))
+
+    def close(self) -> None:
+        """Close the connections (sync now; the asyncio client is dropped)."""
+        self._client.close()
+        self._async_client = None
+        self._async_scripts.clear()
+
+    def reconnect(self) -> None:
+        """Drop pooled connections, e.g. in a freshly forked worker process."""
+        pool = getattr(self._client, "connection_pool", None)
+        if pool is not None:
+            pool.reset()
+        self._async_client = None
+        self._async_scripts.clear()
