@@ -35,6 +35,7 @@ from .errors import (
     RetryBudgetExhausted,
     StoreError,
 )
+from .stores.factory import store_from_url
 from .stores.memory import MemoryStore
 
 try:
@@ -77,4 +78,5 @@ __all__ = [
     "Ticket",
     "Transition",
     "__version__",
+    "store_from_url",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from .factory import store_from_url
 from .memory import MemoryStore
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "RedisStore", "store_from_url"]
 
 
 def __getattr__(name: str) -> object:

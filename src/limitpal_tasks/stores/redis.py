@@ -42,6 +42,7 @@ __all__ = ["RedisStore"]
 _T = TypeVar("_T")
 _SCRIPTS = ("admit", "record", "retry", "control", "dead")
 _ENCODE_CACHE = 8192
+_SEP = "\x1f"  # packs a group's fields into one argument; keys never contain it
 
 
 def _load(name: str) -> str:
@@ -132,7 +133,7 @@ class RedisStore:
         self._async_client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None
         self._async_scripts: dict[str, AsyncScript] = {}
         self._guard = _Guard(clock or MonotonicClock())
-        self._encoded: dict[int, tuple[Group, list[str], list[str]]] = {}
+        self._encoded: dict[int, tuple[Group, tuple[str, str, str]]] = {}
         self._dead_limit = str(int(dead_letter_limit))
         self._dead_ttl = str(int(dead_letter_ttl))
         self._dead_keys = [f"{prefix}:{{dead}}:h", f"{prefix}:{{dead}}:z"]
@@ -240,11 +241,14 @@ class RedisStore:
         except (ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as exc:
             raise StoreError(f"garbled reply from redis to {what}: {exc!r}") from exc
 
-    def _encode(self, group: Group) -> tuple[list[str], list[str]]:
-        """(admit ARGV, record ARGV without the generation) for a group; cached when reusable."""
+    def _encode(self, group: Group) -> tuple[str, str, str]:
+        """A group's packed admit argument, and its record argument around the generation.
+
+        Cached per group object when it carries no reservations (the common, reusable case).
+        """
         cached = self._encoded.get(id(group))
         if cached is not None and cached[0] is group:
-            return cached[1], cached[2]
+            return cached[1]
         b, bh = group.breaker, group.bulkhead
         admit = [
             group.key,
@@ -270,11 +274,10 @@ class RedisStore:
                 _f(limit.grace),
                 "" if slot is None else _f(slot),
             ]
-        record = [group.key, "1" if group.pause_target else "0"]
         if b is None:
-            record += ["0"] * 12
+            rest = ["0"] * 12
         else:
-            record += [
+            rest = [
                 "1",
                 b.window_type,
                 _f(b.window),
@@ -288,11 +291,16 @@ class RedisStore:
                 _f(b.open_jitter),
                 str(b.half_open_probes),
             ]
+        packed = (
+            _SEP.join(admit),
+            _SEP.join([group.key, "1" if group.pause_target else "0", ""]),
+            _SEP + _SEP.join(rest),
+        )
         if not group.reservations:
             if len(self._encoded) >= _ENCODE_CACHE:
                 self._encoded.clear()
-            self._encoded[id(group)] = (group, admit, record)
-        return admit, record
+            self._encoded[id(group)] = (group, packed)
+        return packed
 
     # -- admit --------------------------------------------------------------------
 
@@ -303,10 +311,10 @@ class RedisStore:
         calls = []
         for batch in batches:
             keys: list[str] = []
-            args = [*head, str(len(batch))]
+            args = list(head)
             for group in batch:
                 keys += self._keys(group.key)
-                args += self._encode(group)[0]
+                args.append(self._encode(group)[0])
             calls.append((keys, args))
         return calls
 
@@ -418,11 +426,11 @@ class RedisStore:
         calls = []
         for batch in batches:
             keys: list[str] = []
-            args = [*head, str(len(batch))]
+            args = list(head)
             for group, generation in batch:
                 keys += self._keys(group.key)
-                record = self._encode(group)[1]
-                args += [record[0], record[1], str(generation), *record[2:]]
+                _, before, after = self._encode(group)
+                args.append(f"{before}{generation}{after}")
             calls.append((keys, args))
         return calls
 

@@ -5,10 +5,15 @@
 -- Per key K (hash tag {K}), four Redis keys:
 --   s  hash    scalars: pause (pu, pr), breaker (bs state, bg generation, bo open_until,
 --              bn consecutive opens, bk/bw probe successes/slow, wt/ws window shape,
---              wc cursor, tc/tf/tl window totals), GCRA TATs (r:<slot>), budget (y*)
+--              wc cursor, tc/tf/tl window totals), GCRA TATs (r:<slot>), retry budget
+--              (ys start, ya/yr admissions/retries, yA/yR previous window), hz horizon
 --   l  zset    leases: ticket id -> expiry
 --   p  zset    half-open probe leases: ticket id -> expiry
 --   w  string  count window ring (one byte per call) | hash: second -> "calls:failures:slow"
+--
+-- A script reads the fields it needs of s in one HMGET into a table, works on the table,
+-- and writes back only what changed in one HSET (see load/save). Numbers go to Redis as
+-- Lua numbers, which Redis writes with 17 significant digits: they read back exactly.
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -18,27 +23,80 @@ local function clock(arg)
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function num(s, field, default)
-  local v = redis.call('HGET', s, field)
-  if v then return tonumber(v) end
-  return default
+-- Split a packed argument on the unit separator (keys never contain control characters).
+local function split(text)
+  local out, start = {}, 1
+  while true do
+    local stop = string.find(text, '\31', start, true)
+    if not stop then
+      out[#out + 1] = string.sub(text, start)
+      return out
+    end
+    out[#out + 1] = string.sub(text, start, stop - 1)
+    start = stop + 1
+  end
 end
 
-local function clear_window(s, w, wt, ws)
+local ALL = {'pu', 'pr', 'bs', 'bg', 'bo', 'bn', 'bk', 'bw', 'wt', 'ws', 'wc', 'tc', 'tf', 'tl',
+             'ys', 'ya', 'yr', 'yA', 'yR', 'hz'}
+local BUDGET = {'ys', 'ya', 'yr', 'yA', 'yR'}
+
+-- The state table of hash s, holding the given fields (and those finish() needs).
+local function load(s, fields, extra)
+  local names = {'hz', 'pu', 'bo'}
+  for _, list in ipairs({fields, extra or {}}) do
+    for _, f in ipairs(list) do names[#names + 1] = f end
+  end
+  local values = redis.call('HMGET', s, unpack(names))
+  local H = {_key = s, _dirty = {}, _raw = {}, _touched = {}}
+  for i, f in ipairs(names) do
+    local v = values[i]
+    if v then H._raw[f] = tonumber(v) or v end
+  end
+  return H
+end
+
+local function get(H, field, default)
+  local v = H._raw[field]
+  if v == nil then return default end
+  return v
+end
+
+local function set(H, field, value)
+  H._raw[field] = value
+  H._dirty[field] = true
+end
+
+-- Note that key k (l, p or w of the group) was written, so finish() re-arms its TTL.
+local function touched(H, k)
+  H._touched[#H._touched + 1] = k
+end
+
+local function save(H)
+  local args = {}
+  for f in pairs(H._dirty) do
+    args[#args + 1] = f
+    args[#args + 1] = H._raw[f]
+  end
+  if #args > 0 then redis.call('HSET', H._key, unpack(args)) end
+  H._dirty = {}
+end
+
+local function clear_window(H, w, wt, ws)
   redis.call('DEL', w)
-  if wt then redis.call('HSET', s, 'wt', wt, 'ws', fmt(ws)) end
-  redis.call('HSET', s, 'wc', '0', 'tc', '0', 'tf', '0', 'tl', '0')
+  touched(H, w)
+  if wt then set(H, 'wt', wt); set(H, 'ws', ws) end
+  set(H, 'wc', 0); set(H, 'tc', 0); set(H, 'tf', 0); set(H, 'tl', 0)
 end
 
 -- Add one outcome to the sliding window (count ring, or one-second buckets).
-local function window_add(s, w, wt, ws, now, failed, slow)
-  if redis.call('HGET', s, 'wt') ~= wt or num(s, 'ws', -1) ~= ws then
-    clear_window(s, w, wt, ws)
-  end
+local function window_add(H, w, wt, ws, now, failed, slow)
+  if get(H, 'wt', '') ~= wt or get(H, 'ws', -1) ~= ws then clear_window(H, w, wt, ws) end
   local code = 1 + (failed and 2 or 0) + (slow and 4 or 0)
-  local tc, tf, tl = num(s, 'tc', 0), num(s, 'tf', 0), num(s, 'tl', 0)
+  touched(H, w)
+  local tc, tf, tl = get(H, 'tc', 0), get(H, 'tf', 0), get(H, 'tl', 0)
+  local cursor = get(H, 'wc', 0)
   if wt == 'count' then
-    local cursor = num(s, 'wc', 0)
     local old = redis.call('GETRANGE', w, cursor, cursor)
     old = (old ~= '') and string.byte(old) or 0
     if old ~= 0 then
@@ -47,16 +105,14 @@ local function window_add(s, w, wt, ws, now, failed, slow)
       if old >= 4 then tl = tl - 1 end
     end
     redis.call('SETRANGE', w, cursor, string.char(code))
-    redis.call('HSET', s, 'wc', fmt((cursor + 1) % ws))
+    set(H, 'wc', (cursor + 1) % ws)
   else
-    local size = ws
     local second = math.floor(now)
-    local cursor = num(s, 'wc', 0)
-    if second - cursor >= size then
+    if second - cursor >= ws then
       redis.call('DEL', w)
       tc, tf, tl, cursor = 0, 0, 0, 0
     else
-      for old = cursor - size + 1, second - size do
+      for old = cursor - ws + 1, second - ws do
         local bucket = redis.call('HGET', w, fmt(old))
         if bucket then
           local c, f, l = string.match(bucket, '(%d+):(%d+):(%d+)')
@@ -65,7 +121,7 @@ local function window_add(s, w, wt, ws, now, failed, slow)
         end
       end
     end
-    redis.call('HSET', s, 'wc', fmt(math.max(cursor, second)))
+    set(H, 'wc', math.max(cursor, second))
     local field = fmt(second)
     local bucket = redis.call('HGET', w, field)
     local c, f, l = 0, 0, 0
@@ -78,20 +134,31 @@ local function window_add(s, w, wt, ws, now, failed, slow)
   tc = tc + 1
   if failed then tf = tf + 1 end
   if slow then tl = tl + 1 end
-  redis.call('HSET', s, 'tc', fmt(tc), 'tf', fmt(tf), 'tl', fmt(tl))
+  set(H, 'tc', tc); set(H, 'tf', tf); set(H, 'tl', tl)
   return tc, tf, tl
 end
 
 -- Remember the latest time something written under the key still matters.
-local function extend(s, t)
-  if t > num(s, 'hz', 0) then redis.call('HSET', s, 'hz', fmt(t)) end
+local function extend(H, t)
+  if t > get(H, 'hz', 0) then set(H, 'hz', t) end
 end
 
--- Re-arm the TTL of every key of the group: idle_ttl past the latest pending time.
-local function touch(s, l, p, w, now, idle_ttl)
-  local latest = math.max(num(s, 'hz', 0), num(s, 'pu', 0), num(s, 'bo', 0))
+-- Write the state back and re-arm the TTL of every key written: idle_ttl past the latest
+-- pending time (so an idle key's memory is gone idle_ttl after it stops mattering).
+local function finish(H, now, idle_ttl)
+  local written = next(H._dirty) ~= nil
+  save(H)
+  if not written and #H._touched == 0 then return end
+  local latest = math.max(get(H, 'hz', 0), get(H, 'pu', 0), get(H, 'bo', 0))
   local ms = math.ceil((math.max(0, latest - now) + idle_ttl) * 1000)
-  for _, k in ipairs({s, l, p, w}) do redis.call('PEXPIRE', k, ms) end
+  redis.call('PEXPIRE', H._key, ms)
+  local seen = {}
+  for _, k in ipairs(H._touched) do
+    if not seen[k] then
+      seen[k] = true
+      redis.call('PEXPIRE', k, ms)
+    end
+  end
 end
 
 -- Seconds until the earliest lease of zset z expires, at most cap.
@@ -102,28 +169,29 @@ local function earliest(z, now, cap)
 end
 
 -- Advance the retry budget's two windows to the one holding now; weight of the previous.
-local function budget_roll(s, window, now)
+local function budget_roll(H, window, now)
   local start = math.floor(now / window) * window
-  local current = num(s, 'ys', 0)
+  local current = get(H, 'ys', 0)
   if start > current then
     if start - current > window then
-      redis.call('HSET', s, 'yA', '0', 'yR', '0')
+      set(H, 'yA', 0); set(H, 'yR', 0)
     else
-      redis.call('HSET', s, 'yA', fmt(num(s, 'ya', 0)), 'yR', fmt(num(s, 'yr', 0)))
+      set(H, 'yA', get(H, 'ya', 0)); set(H, 'yR', get(H, 'yr', 0))
     end
-    redis.call('HSET', s, 'ya', '0', 'yr', '0', 'ys', fmt(start))
+    set(H, 'ya', 0); set(H, 'yr', 0); set(H, 'ys', start)
     current = start
   end
   return math.max(0.0, 1.0 - (now - current) / window)
 end
 
-local function open_breaker(s, w, p, now, rand, open_for, open_for_max, multiplier, open_jitter)
-  local opens = num(s, 'bn', 0) + 1
-  local generation = num(s, 'bg', 0) + 1
+local function open_breaker(H, w, p, now, rand, open_for, open_for_max, multiplier, open_jitter)
+  local opens = get(H, 'bn', 0) + 1
+  local generation = get(H, 'bg', 0) + 1
   local duration = math.min(open_for_max, open_for * multiplier ^ math.max(0, opens - 1))
   duration = duration * (1.0 - open_jitter * rand)
-  redis.call('HSET', s, 'bn', fmt(opens), 'bs', 'open', 'bg', fmt(generation), 'bo', fmt(now + duration))
+  set(H, 'bn', opens); set(H, 'bs', 'open'); set(H, 'bg', generation); set(H, 'bo', now + duration)
   redis.call('DEL', p)
-  clear_window(s, w, nil, nil)
+  touched(H, p)
+  clear_window(H, w, nil, nil)
   return generation
 end

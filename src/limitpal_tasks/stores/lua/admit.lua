@@ -2,7 +2,8 @@
 -- (pause -> breaker -> bulkhead -> rate limits; see core/rules.py:admit_group).
 --
 -- KEYS: 4 per group, in group order: s, l, p, w (see _lib.lua) of the group's key.
--- ARGV: now ('' = server TIME), ticket id, rand, policy, idle_ttl, group count, then per group:
+-- ARGV: now ('' = server TIME), ticket id, rand, policy, idle_ttl, then one packed
+--   argument per group, fields separated by \31:
 --   key, lease, breaker (0|1), open_for, half_open_probes, busy_delay,
 --   bulkhead (0|1), max_concurrent, bulkhead lease ('' = lease), retry_delay,
 --   budget window ('' = none), rate count, then per rate:
@@ -14,25 +15,23 @@
 
 local now = clock(ARGV[1])
 local ticket, rand, policy, idle_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local ngroups = tonumber(ARGV[6])
 
-local groups, pos = {}, 7
-for g = 1, ngroups do
-  local G = {}
-  G.key = ARGV[pos]; G.lease = tonumber(ARGV[pos + 1])
-  G.breaker = ARGV[pos + 2] == '1'; G.open_for = tonumber(ARGV[pos + 3])
-  G.probes = tonumber(ARGV[pos + 4]); G.busy_delay = tonumber(ARGV[pos + 5])
-  G.bulkhead = ARGV[pos + 6] == '1'; G.max = tonumber(ARGV[pos + 7])
-  G.bh_lease = tonumber(ARGV[pos + 8]); G.retry_delay = tonumber(ARGV[pos + 9])
-  G.budget = tonumber(ARGV[pos + 10])
-  local nrates = tonumber(ARGV[pos + 11])
-  pos = pos + 12
-  G.rates = {}
-  for i = 1, nrates do
+local groups = {}
+for g = 1, #ARGV - 5 do
+  local a = split(ARGV[5 + g])
+  local G = {
+    key = a[1], lease = tonumber(a[2]),
+    breaker = a[3] == '1', open_for = tonumber(a[4]), probes = tonumber(a[5]), busy_delay = tonumber(a[6]),
+    bulkhead = a[7] == '1', max = tonumber(a[8]), bh_lease = tonumber(a[9]), retry_delay = tonumber(a[10]),
+    budget = tonumber(a[11]), rates = {}, fields = {},
+  }
+  local pos = 13
+  for i = 1, tonumber(a[12]) do
     G.rates[i] = {
-      slot = ARGV[pos], interval = tonumber(ARGV[pos + 1]), burst = tonumber(ARGV[pos + 2]),
-      ahead = tonumber(ARGV[pos + 3]), grace = tonumber(ARGV[pos + 4]), carried = tonumber(ARGV[pos + 5]),
+      slot = a[pos], interval = tonumber(a[pos + 1]), burst = tonumber(a[pos + 2]),
+      ahead = tonumber(a[pos + 3]), grace = tonumber(a[pos + 4]), carried = tonumber(a[pos + 5]),
     }
+    G.fields[i] = 'r:' .. a[pos]
     pos = pos + 6
   end
   local k = (g - 1) * 4
@@ -51,8 +50,8 @@ local function slot_list(values)
 end
 
 -- GCRA over the group's limits: a deferral, or the slots used per limit (0 = fresh token).
-local function check_rates(G)
-  local rates, s = G.rates, G.s
+local function check_rates(G, H)
+  local rates = G.rates
   local uncovered, is_uncovered, early = {}, {}, 0.0
   for i, r in ipairs(rates) do
     local slot = r.carried
@@ -75,17 +74,16 @@ local function check_rates(G)
   local target, ahead = now, math.huge
   for _, i in ipairs(uncovered) do
     local r = rates[i]
-    local tat = math.max(num(s, 'r:' .. r.slot, 0.0), now)
+    local tat = math.max(get(H, G.fields[i], 0.0), now)
     target = math.max(target, tat + r.interval * (1 - r.burst))
     ahead = math.min(ahead, r.ahead)
   end
-  local used = {}
   if target <= now then
+    local used = {}
     for _, i in ipairs(uncovered) do
-      local r = rates[i]
-      local tat = math.max(num(s, 'r:' .. r.slot, 0.0), now) + r.interval
-      redis.call('HSET', s, 'r:' .. r.slot, fmt(tat))
-      extend(s, tat)
+      local tat = math.max(get(H, G.fields[i], 0.0), now) + rates[i].interval
+      set(H, G.fields[i], tat)
+      extend(H, tat)
     end
     for i, r in ipairs(rates) do used[i] = is_uncovered[i] and 0.0 or (r.carried or 0.0) end
     return nil, used
@@ -96,37 +94,36 @@ local function check_rates(G)
     return defer('rate_limited', target - now - ahead, false, slot_list(kept))
   end
   for _, i in ipairs(uncovered) do
-    local r = rates[i]
-    local tat = math.max(num(s, 'r:' .. r.slot, 0.0), target) + r.interval
-    redis.call('HSET', s, 'r:' .. r.slot, fmt(tat))
-    extend(s, tat)
+    local tat = math.max(get(H, G.fields[i], 0.0), target) + rates[i].interval
+    set(H, G.fields[i], tat)
+    extend(H, tat)
   end
   local booked = {}
   for i, r in ipairs(rates) do booked[i] = is_uncovered[i] and target or (r.carried or 0.0) end
   return defer('rate_limited', target - now, false, slot_list(booked))
 end
 
-local function admit_group(G)
-  local s, l, p = G.s, G.l, G.p
-  local paused = num(s, 'pu', 0)
+local function admit_group(G, H)
+  local l, p = G.l, G.p
+  local paused = get(H, 'pu', 0)
   if paused > now then return defer('paused', paused - now) end
 
   local half_open_now, probe, generation = false, false, 0
   if G.breaker then
-    local state = redis.call('HGET', s, 'bs')
+    local state = get(H, 'bs', nil)
     if not state then
       state = 'closed'
-      redis.call('HSET', s, 'bs', state)
+      set(H, 'bs', state)
     end
-    generation = num(s, 'bg', 0)
+    generation = get(H, 'bg', 0)
     if state == 'forced_open' then return defer('breaker_open', G.open_for) end
     if state == 'open' then
-      local open_until = num(s, 'bo', 0)
+      local open_until = get(H, 'bo', 0)
       if now < open_until then return defer('breaker_open', open_until - now) end
       half_open_now, probe, generation = true, true, generation + 1
     elseif state == 'half_open' then
       redis.call('ZREMRANGEBYSCORE', p, '-inf', fmt(now))
-      if redis.call('ZCARD', p) >= G.probes - num(s, 'bk', 0) then
+      if redis.call('ZCARD', p) >= G.probes - get(H, 'bk', 0) then
         return defer('half_open_busy', earliest(p, now, G.busy_delay))
       end
       probe = true
@@ -145,7 +142,7 @@ local function admit_group(G)
   local used = {}
   if #G.rates > 0 then
     local deferred
-    deferred, used = check_rates(G)
+    deferred, used = check_rates(G, H)
     if deferred then return deferred end
   end
 
@@ -153,40 +150,47 @@ local function admit_group(G)
   local transitions = {}
   if G.breaker then
     if half_open_now then
-      redis.call('HSET', s, 'bs', 'half_open', 'bg', fmt(generation), 'bk', '0', 'bw', '0')
+      set(H, 'bs', 'half_open'); set(H, 'bg', generation); set(H, 'bk', 0); set(H, 'bw', 0)
       redis.call('DEL', p)
+      touched(H, p)
       transitions[1] = {G.key, 'open', 'half_open', fmt(generation)}
     end
-    if probe then redis.call('ZADD', p, fmt(now + lease_for), ticket) end
+    if probe then
+      redis.call('ZADD', p, now + lease_for, ticket)
+      touched(H, p)
+    end
   end
-  redis.call('ZADD', l, fmt(now + lease_for), ticket)
-  extend(s, now + lease_for)
+  redis.call('ZADD', l, now + lease_for, ticket)
+  touched(H, l)
+  extend(H, now + lease_for)
   if G.budget then
-    budget_roll(s, G.budget, now)
-    redis.call('HINCRBY', s, 'ya', 1)
+    budget_roll(H, G.budget, now)
+    set(H, 'ya', get(H, 'ya', 0) + 1)
   end
   return {1, '', '0', fmt(generation), probe and 1 or 0, 0, slot_list(used), transitions}
 end
 
-local function release_group(G, result)
+local function release_group(G, H, result)
   redis.call('ZREM', G.l, ticket)
   redis.call('ZREM', G.p, ticket)
   for i, r in ipairs(G.rates) do
-    if tonumber(result[7][i]) == 0 then
-      local tat = redis.call('HGET', G.s, 'r:' .. r.slot)
-      if tat then redis.call('HSET', G.s, 'r:' .. r.slot, fmt(tonumber(tat) - r.interval)) end
-    end
+    local tat = get(H, G.fields[i], nil)
+    if tonumber(result[7][i]) == 0 and tat then set(H, G.fields[i], tat - r.interval) end
   end
+  save(H)
 end
 
-local out = {fmt(now)}
-for g = 1, ngroups do
-  local G = groups[g]
-  local result = admit_group(G)
+local ADMIT = {'bs', 'bg', 'bk'}
+local ADMIT_BUDGET = {'bs', 'bg', 'bk', 'ys', 'ya', 'yr', 'yA', 'yR'}
+local out, states = {fmt(now)}, {}
+for g, G in ipairs(groups) do
+  local H = load(G.s, G.budget and ADMIT_BUDGET or ADMIT, G.fields)
+  states[g] = H
+  local result = admit_group(G, H)
   out[#out + 1] = result
-  touch(G.s, G.l, G.p, G.w, now, idle_ttl)
+  finish(H, now, idle_ttl)
   if result[1] == 0 then
-    for d = 1, g - 1 do release_group(groups[d], out[d + 1]) end
+    for d = 1, g - 1 do release_group(groups[d], states[d], out[d + 1]) end
     break
   end
 end

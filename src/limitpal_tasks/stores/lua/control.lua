@@ -1,4 +1,5 @@
--- control.lua: an operator's action on one key: pause, resume, reset or force the breaker.
+-- control.lua: an operator's action on one key (pause, resume, reset or force the breaker),
+-- or the release of an admission whose later group deferred (Redis Cluster).
 --
 -- KEYS: s, l, p, w of the key (see _lib.lua).
 -- ARGV: now ('' = server TIME), action (pause|resume|reset|forced_open|disabled|release), key,
@@ -9,30 +10,32 @@
 local now = clock(ARGV[1])
 local action, key, idle_ttl = ARGV[2], ARGV[3], tonumber(ARGV[6])
 local s, l, p, w = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local extra = {}
+for i = 7, #ARGV, 2 do extra[#extra + 1] = 'r:' .. ARGV[i] end
+local H = load(s, ALL, extra)
 local transitions = {}
 
 if action == 'pause' then
-  redis.call('HSET', s, 'pu', fmt(now + tonumber(ARGV[4])), 'pr', ARGV[5])
-  extend(s, now + tonumber(ARGV[4]))
+  set(H, 'pu', now + tonumber(ARGV[4])); set(H, 'pr', ARGV[5])
 elseif action == 'release' then
-  -- Give back an admission because a later group of the same request deferred (cluster).
   redis.call('ZREM', l, ARGV[4])
   redis.call('ZREM', p, ARGV[4])
   for i = 7, #ARGV, 2 do
-    local tat = redis.call('HGET', s, 'r:' .. ARGV[i])
-    if tat then redis.call('HSET', s, 'r:' .. ARGV[i], fmt(tonumber(tat) - tonumber(ARGV[i + 1]))) end
+    local tat = get(H, 'r:' .. ARGV[i], nil)
+    if tat then set(H, 'r:' .. ARGV[i], tat - tonumber(ARGV[i + 1])) end
   end
 elseif action == 'resume' then
-  redis.call('HDEL', s, 'pu', 'pr')
-elseif redis.call('HEXISTS', s, 'bs') == 1 or action ~= 'reset' then
-  local was = redis.call('HGET', s, 'bs') or 'closed'
+  set(H, 'pu', 0); redis.call('HDEL', s, 'pr'); H._raw['pr'] = nil
+elseif get(H, 'bs', nil) or action ~= 'reset' then
+  local was = get(H, 'bs', 'closed')
   local to = (action == 'reset') and 'closed' or action
-  local generation = num(s, 'bg', 0) + 1
-  redis.call('HSET', s, 'bs', to, 'bg', fmt(generation))
-  if to == 'closed' then redis.call('HSET', s, 'bn', '0', 'bo', '0', 'bk', '0', 'bw', '0') end
+  local generation = get(H, 'bg', 0) + 1
+  set(H, 'bs', to); set(H, 'bg', generation)
+  if to == 'closed' then set(H, 'bn', 0); set(H, 'bo', 0); set(H, 'bk', 0); set(H, 'bw', 0) end
   redis.call('DEL', p)
-  clear_window(s, w, nil, nil)
+  touched(H, p)
+  clear_window(H, w, nil, nil)
   if was ~= to then transitions[1] = {key, was, to, fmt(generation)} end
 end
-touch(s, l, p, w, now, idle_ttl)
+finish(H, now, idle_ttl)
 return {fmt(now), transitions}

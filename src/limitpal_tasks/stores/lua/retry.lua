@@ -6,12 +6,12 @@
 
 local now = clock(ARGV[1])
 local ratio, floor_rate, window, idle_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local s = KEYS[1]
-local weight = budget_roll(s, window, now)
-local admissions = num(s, 'yA', 0) * weight + num(s, 'ya', 0)
-local retries = num(s, 'yR', 0) * weight + num(s, 'yr', 0)
-extend(s, now + 2 * window)
-touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now, idle_ttl)
-if retries + 1 > ratio * admissions + floor_rate * window then return 0 end
-redis.call('HINCRBY', s, 'yr', 1)
-return 1
+local H = load(KEYS[1], BUDGET)
+local weight = budget_roll(H, window, now)
+local admissions = get(H, 'yA', 0) * weight + get(H, 'ya', 0)
+local retries = get(H, 'yR', 0) * weight + get(H, 'yr', 0)
+local allowed = retries + 1 <= ratio * admissions + floor_rate * window
+if allowed then set(H, 'yr', get(H, 'yr', 0) + 1) end
+extend(H, now + 2 * window)
+finish(H, now, idle_ttl)
+return allowed and 1 or 0

@@ -1,0 +1,124 @@
+"""RedisStore round trips against the physical floor (PING) and other Redis limiters, side by side.
+
+Run with ``make bench`` or ``python benchmarks/bench_redis.py [--seconds S] [--url URL]``.
+Every figure comes from the same run against the same server; ratios are to PING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import redis
+from _table import report
+
+from limitpal_tasks import Breaker, Outcome, Pipeline, Policy, RateLimit, TaskContext, Ticket
+from limitpal_tasks.stores.redis import RedisStore
+
+POLICY = Policy(
+    "bench",
+    key="tenant:{tenant_id}",
+    breaker=Breaker(failure_rate_threshold=50, minimum_calls=100, window=100),
+    rate=RateLimit("1000000000/s", burst=1_000_000),
+)
+CONTEXT = TaskContext("bench.task", kwargs={"tenant_id": "acme"})
+
+
+def rate(seconds: float, op: Callable[[], object]) -> float:
+    """Operations per second of ``op`` over ``seconds`` (after a short warm-up)."""
+    for _ in range(200):
+        op()
+    n = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for _ in range(100):
+            op()
+        n += 100
+        now = time.perf_counter()
+        if now >= deadline:
+            return n / (now - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    args = parser.parse_args()
+
+    client = redis.Redis.from_url(args.url)
+    client.flushdb()
+    store = RedisStore.from_url(args.url, prefix="bench")
+    pipeline = Pipeline(store)
+    success = Outcome.success()
+    tickets: list[Ticket] = []
+
+    def admit() -> None:
+        decision = pipeline.admit(POLICY, CONTEXT)
+        if decision.admitted:
+            tickets.append(decision.ticket)
+
+    def record() -> None:
+        if tickets:
+            pipeline.record(tickets.pop(), success)
+        else:
+            admit()
+
+    def admit_record() -> None:
+        decision = pipeline.admit(POLICY, CONTEXT)
+        if decision.admitted:
+            pipeline.record(decision.ticket, success)
+
+    rows: list[list[object]] = []
+    ping = rate(args.seconds, client.ping)
+    rows.append(["redis-py PING (floor)", ping, 1.0])
+    for name, op in (("limitpal admit", admit), ("limitpal record", record), ("limitpal admit+record", admit_record)):
+        ops = rate(args.seconds, op)
+        rows.append([name, ops, ops / ping])
+
+    try:
+        from limits import RateLimitItemPerSecond
+        from limits.storage import RedisStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        limiter = MovingWindowRateLimiter(RedisStorage(args.url))
+        item = RateLimitItemPerSecond(1_000_000_000)
+        ops = rate(args.seconds, lambda: limiter.hit(item, "bench"))
+        rows.append(["limits moving-window hit", ops, ops / ping])
+    except ImportError:
+        rows.append(["limits moving-window hit", "not installed", ""])
+
+    try:
+        from dramatiq.rate_limits import BucketRateLimiter
+        from dramatiq.rate_limits.backends import RedisBackend
+
+        bucket = BucketRateLimiter(RedisBackend(client=client), "bench", limit=1_000_000_000, bucket=1000)
+
+        def acquire() -> None:
+            with bucket.acquire(raise_on_failure=False):
+                pass
+
+        ops = rate(args.seconds, acquire)
+        rows.append(["dramatiq BucketRateLimiter.acquire", ops, ops / ping])
+    except ImportError:
+        rows.append(["dramatiq BucketRateLimiter.acquire", "not installed", ""])
+
+    report(
+        "bench_redis",
+        ["operation", "ops/s", "ratio to PING"],
+        rows,
+        notes=(
+            "one client, one connection, sequential calls against the same server in one run; "
+            "targets: admit >= 0.8x PING, admit+record >= 0.45x PING"
+        ),
+    )
+    client.flushdb()
+
+
+if __name__ == "__main__":
+    main()
