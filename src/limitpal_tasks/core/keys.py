@@ -41,7 +41,7 @@ def escape_key_part(value: str, safe: str = "") -> str:
     """
     if _PLAIN.fullmatch(value):
         return value
-    escaped = quote(value, safe=safe)
+    escaped = quote(value.encode("utf-8", "surrogatepass"), safe=safe)
     if len(escaped) > MAX_PART_LENGTH:
         return "#" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return escaped
@@ -123,7 +123,7 @@ class KeyTemplate:
     def __init__(self, source: str | Callable[[TaskContext], str], field_name: str = "key") -> None:
         self.source = source
         self._func: Callable[[TaskContext], str] | None = None
-        self._parts: list[tuple[str, str | None, str, str]] = []
+        self._parts: list[tuple[str, str | None, str, str, str | None]] = []
         self._fields: tuple[str, ...] = ()
         if callable(source):
             self._func = source
@@ -135,9 +135,9 @@ class KeyTemplate:
         except ValueError as exc:
             raise ConfigurationError(field_name, source, f"expected a valid template ({exc})") from None
         roots: list[str] = []
-        for literal, field_expr, spec, _conversion in parsed:
+        for literal, field_expr, spec, conversion in parsed:
             if field_expr is None:
-                self._parts.append((literal, None, "", ""))
+                self._parts.append((literal, None, "", "", None))
                 continue
             root = re.split(r"[.\[]", field_expr, maxsplit=1)[0]
             if not root.isidentifier():
@@ -145,7 +145,7 @@ class KeyTemplate:
                     field_name, source, f"expected fields naming task parameters, found {{{field_expr}}}"
                 )
             roots.append(root)
-            self._parts.append((literal, field_expr, root, spec or ""))
+            self._parts.append((literal, field_expr, root, spec or "", conversion))
         self._fields = tuple(dict.fromkeys(roots))
 
     @classmethod
@@ -178,8 +178,8 @@ class KeyTemplate:
                     "key", value, f"expected the key callable {self._func!r} to return a non-empty str"
                 )
             return escape_key_part(value, safe=":/@")
-        if len(self._parts) == 1 and not self._parts[0][3]:
-            literal, field_expr, root, _ = self._parts[0]
+        if len(self._parts) == 1 and not self._parts[0][3] and not self._parts[0][4]:
+            literal, field_expr, root, _, _ = self._parts[0]
             if field_expr == root:  # "prefix:{name}", the common shape
                 try:
                     value = context.argument(root)
@@ -191,7 +191,7 @@ class KeyTemplate:
             if field_expr is None:
                 return literal
         out: list[str] = []
-        for literal, field_expr, root, spec in self._parts:
+        for literal, field_expr, root, spec, conversion in self._parts:
             out.append(literal)
             if field_expr is None:
                 continue
@@ -202,7 +202,16 @@ class KeyTemplate:
                     "key", self.source, f"expected argument {root!r} in the call of {context.task_name}"
                 ) from None
             if field_expr != root:
-                value, _ = _FORMATTER.get_field(field_expr, (), {root: value})
+                try:
+                    value, _ = _FORMATTER.get_field(field_expr, (), {root: value})
+                except (AttributeError, KeyError, IndexError, TypeError) as exc:
+                    raise ConfigurationError(
+                        "key",
+                        self.source,
+                        f"expected {{{field_expr}}} to resolve in the call of {context.task_name} ({exc!r})",
+                    ) from None
+            if conversion:
+                value = _FORMATTER.convert_field(value, conversion)
             text = format(value, spec) if spec else str(value)
             out.append(escape_key_part(text))
         return "".join(out)

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from ..errors import ConfigurationError, Cooldown
 from .keys import KeySpec, KeyTemplate
-from .units import Duration, Rate, RateLike, parse_duration
+from .units import Duration, Rate, RateLike, exact, parse_duration
 
 __all__ = [
     "Breaker",
@@ -35,6 +35,7 @@ FailMode = Literal["open", "closed"]
 Verdict = Literal["retry", "fail", "ignore"]
 JitterKind = Literal["full", "equal", "decorrelated", "none"]
 ExceptionTypes = tuple[type[BaseException], ...]
+_HUGE = 1e300
 _T = TypeVar("_T")
 
 
@@ -52,10 +53,15 @@ def _number(
     integer: bool = False,
 ) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(cast(float, value)).is_integer()
+    number = math.nan
     if ok:
-        number = float(cast(float, value))
+        try:
+            number = float(cast(float, value))
+        except OverflowError:
+            ok = False
+    if ok and integer:
+        ok = number.is_integer()
+    if ok:
         ok = math.isfinite(number)
         if ok and low is not None:
             ok = number > low if low_open else number >= low
@@ -89,7 +95,7 @@ def _exception_types(field: str, value: object) -> ExceptionTypes:
             module, _, name = item.rpartition(".")
             try:
                 cls = getattr(importlib.import_module(module or "builtins"), name)
-            except (ImportError, AttributeError, ValueError):
+            except (ImportError, AttributeError, ValueError, TypeError):
                 raise ConfigurationError(field, item, "expected an importable exception class") from None
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             raise ConfigurationError(field, item, "expected an exception class")
@@ -202,7 +208,11 @@ class Breaker:
 
     def break_duration(self, consecutive_opens: int, rand: float) -> float:
         """How long the breaker stays OPEN after its ``consecutive_opens``-th opening (1-based)."""
-        duration = min(self.open_for_max, self.open_for * self.multiplier ** max(0, consecutive_opens - 1))
+        try:
+            grown = self.open_for * self.multiplier ** max(0, consecutive_opens - 1)
+        except OverflowError:
+            grown = math.inf
+        duration = min(self.open_for_max, grown)
         return duration * (1.0 - self.open_jitter * rand)
 
 
@@ -277,7 +287,7 @@ class RateLimit:
         # Derived once: the GCRA emission interval, and the name of this limit's state
         # under a key (two limits of one key never share it).
         _set(self, "interval", self.rate.interval)
-        _set(self, "slot_id", f"{self.rate.limit:g}/{self.rate.per:g}/{self.burst}")
+        _set(self, "slot_id", f"{exact(self.rate.limit)}/{exact(self.rate.per)}/{self.burst}")
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -362,7 +372,11 @@ class RetryPolicy:
 
         ``rand`` is a uniform draw in [0, 1); ``previous`` is the last delay (decorrelated).
         """
-        exp = self.backoff * self.multiplier ** max(0, attempt - 1)
+        try:
+            exp = self.backoff * self.multiplier ** max(0, attempt - 1)
+        except OverflowError:
+            exp = math.inf
+        exp = min(exp, _HUGE)  # finite, so full jitter with rand == 0 stays 0, never nan
         if self.jitter == "full":
             value = exp * rand
         elif self.jitter == "equal":
@@ -575,7 +589,7 @@ class Policy:
                         value if isinstance(value, int) else _build(Bulkhead, f"{where}.bulkhead", value)
                     )
                 elif field in ("rate", "rates"):
-                    items = value if isinstance(value, list) else [value]
+                    items = list(value) if isinstance(value, (list, tuple)) else [value]
                     kwargs["rate"] = [
                         _build(RateLimit, f"{where}.rate", v) if isinstance(v, Mapping) else v for v in items
                     ]

@@ -9,17 +9,21 @@ from datetime import timedelta
 
 from ..errors import ConfigurationError
 
-__all__ = ["Duration", "Rate", "RateLike", "parse_duration", "parse_rate"]
+__all__ = ["Duration", "Rate", "RateLike", "exact", "parse_duration", "parse_rate"]
 
 Duration = float | int | timedelta
 """Seconds as a number, or a :class:`datetime.timedelta`."""
 
-_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PERIODS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_WORDS = {"ms": "ms", "sec": "s", "second": "s", "min": "m", "minute": "m", "hour": "h", "day": "d"}
+# ASCII only: under plain IGNORECASE, look-alike letters such as "ſ" would match "s".
+_FLAGS = re.IGNORECASE | re.ASCII
 _RATE_RE = re.compile(
-    r"^\s*(?P<n>\d+(?:\.\d+)?)\s*/\s*(?P<k>\d+(?:\.\d+)?)?\s*(?P<unit>s|sec|second|m|min|minute|h|hour|d|day)s?\s*$",
-    re.IGNORECASE,
+    r"^\s*(?P<n>\d+(?:\.\d+)?)\s*/\s*(?P<k>\d+(?:\.\d+)?)?\s*"
+    r"(?P<unit>ms|s|m|h|d|sec|second|min|minute|hour|day)(?<!ms)(?P<plural>s)?\s*$",
+    _FLAGS,
 )
-_DURATION_RE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$", _FLAGS)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -33,7 +37,10 @@ def parse_duration(field: str, value: object, *, allow_zero: bool = True, allow_
     elif isinstance(value, bool):
         raise ConfigurationError(field, value, "expected seconds (number or timedelta)")
     elif isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ConfigurationError(field, value, "expected a finite duration") from None
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m["n"]) * _UNIT_SECONDS[(m["unit"] or "s").lower()]
     else:
@@ -58,7 +65,11 @@ class Rate:
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)):
             raise ConfigurationError("rate.limit", self.limit, "expected a number > 0")
-        if not math.isfinite(self.limit) or self.limit <= 0:
+        try:
+            finite = math.isfinite(self.limit)
+        except OverflowError:
+            finite = False
+        if not finite or self.limit <= 0:
             raise ConfigurationError("rate.limit", self.limit, "expected a number > 0")
         object.__setattr__(self, "per", parse_duration("rate.per", self.per, allow_zero=False))
 
@@ -77,7 +88,10 @@ class Rate:
         if isinstance(value, Rate):
             return value
         if isinstance(value, str) and (m := _RATE_RE.match(value)):
-            unit = m["unit"][0].lower()
+            word = m["unit"].lower()
+            if m["plural"] and len(word) == 1:
+                raise ConfigurationError(field, value, 'expected a rate such as "100/s", "5/m" or "3/10s"')
+            unit = _UNIT_WORDS.get(word, word)
             per = _PERIODS[unit] * float(m["k"] or 1)
             n = float(m["n"])
             try:
@@ -91,11 +105,17 @@ class Rate:
     def __str__(self) -> str:
         for unit, seconds in _PERIODS.items():
             if self.per == seconds:
-                return f"{self.limit:g}/{unit}"
-        return f"{self.limit:g}/{self.per:g}s"
+                return f"{exact(self.limit)}/{unit}"
+        return f"{exact(self.limit)}/{exact(self.per)}s"
 
 
 RateLike = Rate | str
+
+
+def exact(number: float) -> str:
+    """A number as text that parses back to the same value (no exponent for whole numbers)."""
+    value = float(number)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def parse_rate(value: RateLike, field: str = "rate") -> Rate:
