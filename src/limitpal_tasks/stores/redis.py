@@ -8,7 +8,10 @@ explicit ``now`` through a :class:`~limitpal_tasks.MockClock`.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
@@ -39,10 +42,31 @@ from ..errors import ConfigurationError, StoreError
 
 __all__ = ["RedisStore"]
 
+log = logging.getLogger("limitpal_tasks.stores.redis")
+
 _T = TypeVar("_T")
 _SCRIPTS = ("admit", "record", "retry", "control", "dead")
 _ENCODE_CACHE = 8192
 _SEP = "\x1f"  # packs a group's fields into one argument; keys never contain it
+
+
+_Record = tuple[list[str], list[str]]  # the KEYS and packed ARGV of one record
+_MAX_PENDING = 10_000  # batched successes kept while the store is unreachable
+
+
+def _transitions(policy: str, items: Sequence[Any], now: float) -> tuple[Transition, ...]:
+    """Transitions from a script reply: {key, from, to, generation[, policy]} each."""
+    return tuple(
+        Transition(
+            _s(t[4]) if len(t) > 4 else policy,
+            _s(t[0]),
+            cast(BreakerState, _s(t[1])),
+            cast(BreakerState, _s(t[2])),
+            int(float(t[3])),
+            now,
+        )
+        for t in items
+    )
 
 
 def _load(name: str) -> str:
@@ -103,9 +127,13 @@ class RedisStore:
         store = RedisStore.from_url("redis://localhost:6379/0", prefix="limitpal", store_timeout=0.25)
 
     Works with Redis ≥ 6.2, Valkey, Redis Cluster (``redis+cluster://`` or ``cluster=True``),
-    ``rediss://`` TLS and ACL users (``redis://user:password@host``). A policy whose
-    components share one key costs one round trip per ``admit`` and per ``record``;
-    on a cluster, a policy with several keys costs one round trip per distinct key.
+    ``rediss://`` TLS and ACL users (``redis://user:password@host``). ``admit`` and
+    ``record`` cost one round trip each (on a cluster, one per distinct key of the policy).
+
+    Successes that cannot change a breaker's state (not a half-open probe, no slow-call
+    detection, no bulkhead lease to free) are batched: they ride along with this process's
+    next round trip, or are written after ``batch_delay`` seconds at the latest
+    (``batch_delay=0`` turns batching off; :meth:`flush` and :meth:`close` write them now).
     """
 
     def __init__(
@@ -118,6 +146,8 @@ class RedisStore:
         async_factory: Callable[[], redis.asyncio.Redis | redis.asyncio.RedisCluster] | None = None,
         dead_letter_limit: int = 10_000,
         dead_letter_ttl: float = 30 * 86400,
+        batch_delay: float = 0.05,
+        batch_size: int = 64,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \n"):
             raise ConfigurationError("prefix", prefix, "expected a non-empty name without braces or spaces")
@@ -137,6 +167,23 @@ class RedisStore:
         self._dead_limit = str(int(dead_letter_limit))
         self._dead_ttl = str(int(dead_letter_ttl))
         self._dead_keys = [f"{prefix}:{{dead}}:h", f"{prefix}:{{dead}}:z"]
+        if batch_delay < 0 or batch_size < 1:
+            raise ConfigurationError(
+                "batch_delay", (batch_delay, batch_size), "expected batch_delay >= 0 and batch_size >= 1"
+            )
+        self._batch_delay = float(batch_delay)
+        self._batch_size = int(batch_size)
+        self._pending: list[_Record] = []
+        self._pending_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        ref = weakref.ref(self)
+
+        def forget_in_child() -> None:
+            store = ref()
+            if store is not None:
+                store._forget_pending()
+
+        os.register_at_fork(after_in_child=forget_in_child)
 
     # -- construction -----------------------------------------------------------
 
@@ -304,37 +351,36 @@ class RedisStore:
 
     # -- admit --------------------------------------------------------------------
 
-    def _admit_calls(self, request: AdmitRequest) -> list[tuple[list[str], list[str]]]:
-        """The script calls for a request: one for all groups, or one per group on a cluster."""
+    def _admit_calls(
+        self, request: AdmitRequest, pending: list[_Record]
+    ) -> list[tuple[list[str], list[str]]]:
+        """The script calls for a request: one for all groups (with the batched successes
+        piggybacked), or one per group on a cluster."""
         head = [self._now(request.now), request.ticket_id, _f(request.rand), request.policy, self._idle]
         batches = [list(request.groups)] if not self._cluster else [[g] for g in request.groups]
         calls = []
         for batch in batches:
             keys: list[str] = []
-            args = list(head)
+            args = [*head, str(len(batch))]
             for group in batch:
                 keys += self._keys(group.key)
                 args.append(self._encode(group)[0])
+            args.append(str(len(pending)))
+            for record_keys, record_args in pending:
+                keys += record_keys
+                args += record_args
+            pending = []
             calls.append((keys, args))
         return calls
 
     def _admit_reply(self, request: AdmitRequest, replies: list[Any]) -> AdmitResult:
         def parse() -> AdmitResult:
             results: list[GroupResult] = []
+            recorded: tuple[Transition, ...] = ()
             for reply in replies:
                 now = float(reply[0])
-                for item in reply[1:]:
-                    transitions = tuple(
-                        Transition(
-                            request.policy,
-                            _s(t[0]),
-                            cast(BreakerState, _s(t[1])),
-                            cast(BreakerState, _s(t[2])),
-                            int(float(t[3])),
-                            now,
-                        )
-                        for t in item[7]
-                    )
+                recorded += _transitions(request.policy, reply[1], now)
+                for item in reply[2:]:
                     results.append(
                         GroupResult(
                             admitted=item[0] == 1,
@@ -345,35 +391,48 @@ class RedisStore:
                             probe=item[4] == 1,
                             early=item[5] == 1,
                             reservations=tuple(float(x) for x in item[6]),
-                            transitions=transitions,
+                            transitions=_transitions(request.policy, item[7], now),
                         )
                     )
-            return merge_admission(request, results)
+            result = merge_admission(request, results)
+            if recorded:
+                result.transitions = recorded + result.transitions
+            return result
 
         return self._parse("admit", parse)
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
-        calls = self._admit_calls(request)
+        pending = self._take_pending()
         replies: list[Any] = []
-        for i, (keys, args) in enumerate(calls):
-            reply = self._call("admit", keys, args)
-            replies.append(reply)
-            if self._deferred(reply):  # cluster: give back what earlier groups took
-                if i:
-                    self._release(request, replies[:-1])
-                break
+        try:
+            for i, (keys, args) in enumerate(self._admit_calls(request, pending)):
+                reply = self._call("admit", keys, args)
+                replies.append(reply)
+                if self._deferred(reply):  # cluster: give back what earlier groups took
+                    if i:
+                        self._release(request, replies[:-1])
+                    break
+        except StoreError:
+            if not replies:
+                self._restore_pending(pending)
+            raise
         return self._admit_reply(request, replies)
 
     async def admit_async(self, request: AdmitRequest) -> AdmitResult:
-        calls = self._admit_calls(request)
+        pending = self._take_pending()
         replies: list[Any] = []
-        for i, (keys, args) in enumerate(calls):
-            reply = await self._call_async("admit", keys, args)
-            replies.append(reply)
-            if self._deferred(reply):
-                if i:
-                    await self._release_async(request, replies[:-1])
-                break
+        try:
+            for i, (keys, args) in enumerate(self._admit_calls(request, pending)):
+                reply = await self._call_async("admit", keys, args)
+                replies.append(reply)
+                if self._deferred(reply):
+                    if i:
+                        await self._release_async(request, replies[:-1])
+                    break
+        except StoreError:
+            if not replies:
+                self._restore_pending(pending)
+            raise
         return self._admit_reply(request, replies)
 
     @staticmethod
@@ -386,7 +445,7 @@ class RedisStore:
     def _release_calls(self, request: AdmitRequest, replies: list[Any]) -> list[tuple[list[str], list[str]]]:
         calls = []
         for group, reply in zip(request.groups, replies):
-            used = reply[1][6]
+            used = reply[2][6]
             refunds = [
                 item
                 for limit, slot in zip(group.rates, used)
@@ -407,66 +466,157 @@ class RedisStore:
 
     # -- record -------------------------------------------------------------------
 
-    def _record_calls(
-        self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float
-    ) -> list[tuple[list[str], list[str]]]:
-        head = [
-            self._now(now),
-            ticket.id,
-            _f(rand),
-            ticket.policy.name,
-            self._idle,
-            outcome.kind,
-            "" if outcome.duration is None else _f(outcome.duration),
-            _f(ticket.admitted_at),
-            _f(outcome.retry_after),
-        ]
+    def _records(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> list[_Record]:
+        """KEYS and packed ARGV of a record: one, or one per group on a cluster."""
         pairs = list(zip(ticket.groups, ticket.generations))
         batches = [pairs] if not self._cluster else [[p] for p in pairs]
-        calls = []
+        records = []
         for batch in batches:
+            header = _SEP.join(
+                [
+                    self._now(now),
+                    ticket.id,
+                    _f(rand),
+                    outcome.kind,
+                    "" if outcome.duration is None else _f(outcome.duration),
+                    _f(ticket.admitted_at),
+                    _f(outcome.retry_after),
+                    str(len(batch)),
+                    ticket.policy.name,
+                ]
+            )
             keys: list[str] = []
-            args = list(head)
+            args = [header]
             for group, generation in batch:
                 keys += self._keys(group.key)
                 _, before, after = self._encode(group)
                 args.append(f"{before}{generation}{after}")
-            calls.append((keys, args))
-        return calls
+            records.append((keys, args))
+        return records
 
-    def _record_reply(self, ticket: Ticket, replies: list[Any]) -> RecordResult:
+    def _batchable(self, ticket: Ticket, outcome: Outcome) -> bool:
+        """A success that cannot change a breaker's state nor free a bulkhead slot may wait."""
+        if self._batch_delay <= 0 or self._cluster or outcome.kind != "success" or ticket.probe:
+            return False
+        return all(
+            g.bulkhead is None and (g.breaker is None or g.breaker.slow_call_duration == float("inf"))
+            for g in ticket.groups
+        )
+
+    def _record_payload(self, records: list[_Record]) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        args = [self._idle, str(len(records))]
+        for record_keys, record_args in records:
+            keys += record_keys
+            args += record_args
+        return keys, args
+
+    def _record_reply(self, policy: str, reply: Any) -> RecordResult:
         def parse() -> RecordResult:
-            now = float(replies[-1][0])
-            transitions = tuple(
-                Transition(
-                    ticket.policy.name,
-                    _s(t[0]),
-                    cast(BreakerState, _s(t[1])),
-                    cast(BreakerState, _s(t[2])),
-                    int(float(t[3])),
-                    now,
-                )
-                for reply in replies
-                for t in reply[2]
+            now = float(reply[0])
+            return RecordResult(
+                now, _transitions(policy, reply[2], now), bool(reply[1]) and reply[1][-1] == 1
             )
-            return RecordResult(now, transitions, any(reply[1] == 1 for reply in replies))
 
         return self._parse("record", parse)
 
     def record(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> RecordResult:
-        replies = [
-            self._call("record", keys, args) for keys, args in self._record_calls(ticket, outcome, now, rand)
-        ]
-        return self._record_reply(ticket, replies)
+        records = self._records(ticket, outcome, now, rand)
+        if self._batchable(ticket, outcome) and self._defer_records(records):
+            return RecordResult(now if now is not None else ticket.admitted_at)
+        batch = self._take_pending() + records
+        result = RecordResult(0.0)
+        try:
+            if self._cluster:
+                for record in batch:
+                    result = self._record_reply(
+                        ticket.policy.name, self._call("record", *self._record_payload([record]))
+                    )
+            else:
+                result = self._record_reply(
+                    ticket.policy.name, self._call("record", *self._record_payload(batch))
+                )
+        except StoreError:
+            self._restore_pending(batch[: -len(records)])
+            raise
+        return result
 
     async def record_async(
         self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float
     ) -> RecordResult:
-        replies = [
-            await self._call_async("record", keys, args)
-            for keys, args in self._record_calls(ticket, outcome, now, rand)
-        ]
-        return self._record_reply(ticket, replies)
+        records = self._records(ticket, outcome, now, rand)
+        if self._batchable(ticket, outcome) and self._defer_records(records):
+            return RecordResult(now if now is not None else ticket.admitted_at)
+        batch = self._take_pending() + records
+        result = RecordResult(0.0)
+        try:
+            if self._cluster:
+                for record in batch:
+                    reply = await self._call_async("record", *self._record_payload([record]))
+                    result = self._record_reply(ticket.policy.name, reply)
+            else:
+                reply = await self._call_async("record", *self._record_payload(batch))
+                result = self._record_reply(ticket.policy.name, reply)
+        except StoreError:
+            self._restore_pending(batch[: -len(records)])
+            raise
+        return result
+
+    # -- batched successes ----------------------------------------------------------
+
+    def _defer_records(self, records: list[_Record]) -> bool:
+        """Queue successes for the next round trip; False when the batch is full (send now)."""
+        with self._pending_lock:
+            if len(self._pending) + len(records) > self._batch_size:
+                return False
+            self._pending += records
+            if self._timer is None:
+                self._timer = threading.Timer(self._batch_delay, self._flush_from_timer)
+                self._timer.daemon = True
+                self._timer.start()
+        return True
+
+    def _take_pending(self) -> list[_Record]:
+        if not self._pending:
+            return []
+        with self._pending_lock:  # the timer, if running, finds nothing and stops
+            pending, self._pending = self._pending, []
+        return pending
+
+    def _restore_pending(self, records: list[_Record]) -> None:
+        if not records:
+            return
+        with self._pending_lock:
+            self._pending = (records + self._pending)[-_MAX_PENDING:]
+
+    def _flush_from_timer(self) -> None:
+        with self._pending_lock:
+            self._timer = None
+        try:
+            self.flush()
+        except StoreError as exc:
+            log.warning(
+                "could not flush %d batched successes (kept for the next round trip): %s",
+                len(self._pending),
+                exc,
+            )
+
+    def flush(self) -> None:
+        """Write batched successes now (called on a timer, at ``close`` and at shutdown)."""
+        pending = self._take_pending()
+        if not pending:
+            return
+        try:
+            self._call("record", *self._record_payload(pending))
+        except StoreError:
+            self._restore_pending(pending)
+            raise
+
+    def _forget_pending(self) -> None:
+        # In a forked child the parent's batch is not ours to write.
+        self._pending = []
+        self._timer = None
+        self._pending_lock = threading.Lock()
 
     # -- retry budget -------------------------------------------------------------
 
@@ -493,22 +643,7 @@ class RedisStore:
         reply = self._call(
             "control", self._keys(key), [self._now(now), action, key, _f(seconds), reason, self._idle]
         )
-
-        def parse() -> tuple[Transition, ...]:
-            at = float(reply[0])
-            return tuple(
-                Transition(
-                    policy,
-                    _s(t[0]),
-                    cast(BreakerState, _s(t[1])),
-                    cast(BreakerState, _s(t[2])),
-                    int(float(t[3])),
-                    at,
-                )
-                for t in reply[1]
-            )
-
-        return self._parse(action, parse)
+        return self._parse(action, lambda: _transitions(policy, reply[1], float(reply[0])))
 
     def pause(self, key: str, seconds: float, reason: str, now: float | None = None) -> None:
         self._control(key, "pause", now, seconds, reason)
@@ -527,6 +662,7 @@ class RedisStore:
         return self._control(key, "reset" if state == "closed" else state, now, policy=policy)
 
     def status(self, key: str, now: float | None = None) -> KeyStatus:
+        self.flush()  # read this process's own writes
         scalars, leases, probes_key, _ = self._keys(key)
         self._guard.check()
         try:
@@ -591,13 +727,18 @@ class RedisStore:
         return self._parse("dead take", lambda: DeadLetter.from_json(entry))
 
     def close(self) -> None:
-        """Close the connections (sync now; the asyncio client is dropped)."""
+        """Write batched successes, then close the connections (the asyncio client is dropped)."""
+        try:
+            self.flush()
+        except StoreError as exc:
+            log.warning("closing with %d batched successes unwritten: %s", len(self._pending), exc)
         self._client.close()
         self._async_client = None
         self._async_scripts.clear()
 
     def reconnect(self) -> None:
         """Drop pooled connections, e.g. in a freshly forked worker process."""
+        self._forget_pending()
         pool = getattr(self._client, "connection_pool", None)
         if pool is not None:
             pool.reset()

@@ -195,3 +195,99 @@ local function open_breaker(H, w, p, now, rand, open_for, open_for_max, multipli
   clear_window(H, w, nil, nil)
   return generation
 end
+
+local RECORD_FIELDS = {'bs', 'bg', 'bn', 'bk', 'bw', 'wt', 'ws', 'wc', 'tc', 'tf', 'tl'}
+
+-- Apply one outcome R to one group G of its ticket (see core/rules.py:record_group).
+-- R = {now, ticket, rand, kind, duration, admitted_at, retry_after}; returns recorded (bool)
+-- and appends to the transitions list T.
+local function record_group(G, H, R, T)
+  local now, ticket, rand, kind, retry_after = R.now, R.ticket, R.rand, R.kind, R.retry_after
+  local duration = R.duration
+  local l, p, w = G.l, G.p, G.w
+  if kind == 'cooldown' and G.pause_target then
+    local until_ = now + retry_after
+    if until_ > get(H, 'pu', 0) then set(H, 'pu', until_); set(H, 'pr', 'cooldown') end
+  end
+  local expiry = tonumber(redis.call('ZSCORE', l, ticket))
+  if expiry ~= nil then redis.call('ZREM', l, ticket) end
+  local probe_expiry = nil
+  if G.breaker and get(H, 'bs', 'closed') == 'half_open' then  -- probes exist only then
+    probe_expiry = tonumber(redis.call('ZSCORE', p, ticket))
+    if probe_expiry ~= nil then redis.call('ZREM', p, ticket) end
+  end
+  if expiry == nil or expiry < now then return false end
+  if not G.breaker or G.generation ~= get(H, 'bg', 0) then return true end
+  local state = get(H, 'bs', 'closed')
+  if kind == 'ignored' or kind == 'cooldown' or state == 'forced_open' or state == 'disabled' then return true end
+  local failed = kind == 'failure'
+  local slow = G.slow_duration ~= nil and duration >= G.slow_duration
+  if state == 'half_open' then
+    if probe_expiry == nil then return true end
+    if not failed then
+      local ok = get(H, 'bk', 0) + 1
+      local slow_ok = get(H, 'bw', 0) + (slow and 1 or 0)
+      set(H, 'bk', ok); set(H, 'bw', slow_ok)
+      if ok < G.probes then return true end
+      if not (G.slow_duration ~= nil and slow_ok * 100.0 >= G.slow_threshold * ok) then
+        local generation = get(H, 'bg', 0) + 1
+        set(H, 'bs', 'closed'); set(H, 'bg', generation); set(H, 'bn', 0)
+        redis.call('DEL', p)
+        touched(H, p)
+        clear_window(H, w, G.window_type, G.window)
+        T[#T + 1] = {G.key, 'half_open', 'closed', fmt(generation), R.policy}
+        return true
+      end
+    end
+    local generation = open_breaker(H, w, p, now, rand, G.open_for, G.open_for_max, G.multiplier, G.open_jitter)
+    T[#T + 1] = {G.key, 'half_open', 'open', fmt(generation), R.policy}
+    return true
+  end
+  local calls, failures, slow_calls = window_add(H, w, G.window_type, G.window, now, failed, slow)
+  if calls < G.minimum_calls then return true end
+  if failures * 100.0 >= G.failure_threshold * calls
+    or (G.slow_duration ~= nil and slow_calls * 100.0 >= G.slow_threshold * calls) then
+    local generation = open_breaker(H, w, p, now, rand, G.open_for, G.open_for_max, G.multiplier, G.open_jitter)
+    T[#T + 1] = {G.key, state, 'open', fmt(generation), R.policy}
+  end
+  return true
+end
+
+-- Apply a list of packed records: each is a header (now, ticket, rand, kind, duration,
+-- admitted_at, retry_after, group count, policy) then one packed argument per group (key, pause
+-- target, generation, breaker 0|1, window type, window, minimum_calls,
+-- failure_rate_threshold, slow_call_duration, slow_call_rate_threshold, open_for,
+-- open_for_max, multiplier, open_jitter, half_open_probes), its keys taken from KEYS
+-- starting at key_pos. Returns the recorded flags, the transitions (each
+-- {key, from, to, generation, policy}) and the last record's now.
+local function apply_records(args, arg_pos, count, key_pos, idle_ttl)
+  local flags, T, last = {}, {}, nil
+  for n = 1, count do
+    local h = split(args[arg_pos])
+    local R = {now = clock(h[1]), ticket = h[2], rand = tonumber(h[3]), kind = h[4],
+               duration = tonumber(h[5]), admitted_at = tonumber(h[6]), retry_after = tonumber(h[7]),
+               policy = h[9]}
+    if R.duration == nil then R.duration = R.now - R.admitted_at end
+    last = R.now
+    local recorded = false
+    for g = 1, tonumber(h[8]) do
+      local a = split(args[arg_pos + g])
+      local G = {
+        s = KEYS[key_pos], l = KEYS[key_pos + 1], p = KEYS[key_pos + 2], w = KEYS[key_pos + 3],
+        key = a[1], pause_target = a[2] == '1', generation = tonumber(a[3]),
+        breaker = a[4] == '1', window_type = a[5], window = tonumber(a[6]),
+        minimum_calls = tonumber(a[7]), failure_threshold = tonumber(a[8]),
+        slow_duration = tonumber(a[9]), slow_threshold = tonumber(a[10]),
+        open_for = tonumber(a[11]), open_for_max = tonumber(a[12]),
+        multiplier = tonumber(a[13]), open_jitter = tonumber(a[14]), probes = tonumber(a[15]),
+      }
+      local H = load(G.s, RECORD_FIELDS)
+      if record_group(G, H, R, T) then recorded = true end
+      finish(H, R.now, idle_ttl)
+      key_pos = key_pos + 4
+    end
+    flags[n] = recorded and 1 or 0
+    arg_pos = arg_pos + 1 + tonumber(h[8])
+  end
+  return flags, T, last
+end

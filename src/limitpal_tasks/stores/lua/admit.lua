@@ -2,13 +2,17 @@
 -- (pause -> breaker -> bulkhead -> rate limits; see core/rules.py:admit_group).
 --
 -- KEYS: 4 per group, in group order: s, l, p, w (see _lib.lua) of the group's key.
--- ARGV: now ('' = server TIME), ticket id, rand, policy, idle_ttl, then one packed
---   argument per group, fields separated by \31:
+-- ARGV: now ('' = server TIME), ticket id, rand, policy, idle_ttl, group count, then one
+--   packed argument per group, fields separated by \31 (below), then the count of
+--   piggybacked records (successes this process batched) and those records, applied
+--   first, in the format of record.lua (see apply_records in _lib.lua; their KEYS follow
+--   the groups' KEYS). Per group:
 --   key, lease, breaker (0|1), open_for, half_open_probes, busy_delay,
 --   bulkhead (0|1), max_concurrent, bulkhead lease ('' = lease), retry_delay,
 --   budget window ('' = none), rate count, then per rate:
 --     slot id, interval, burst, reserve_ahead, grace, carried slot ('' = none)
--- Returns: {now, results...}; one result per group evaluated (stopping at the first deferral):
+-- Returns: {now, {transitions of the records}, results...}; one result per group evaluated
+--   (stopping at the first deferral):
 --   {admitted 0|1, reason, delay, generation, probe 0|1, early 0|1, {slots...}, {transitions...}}
 --   where a transition is {key, from, to, generation}. Numbers are returned as strings.
 -- A deferral releases what earlier groups took; only booked rate-limit slots stay booked.
@@ -16,9 +20,10 @@
 local now = clock(ARGV[1])
 local ticket, rand, policy, idle_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 
+local ngroups = tonumber(ARGV[6])
 local groups = {}
-for g = 1, #ARGV - 5 do
-  local a = split(ARGV[5 + g])
+for g = 1, ngroups do
+  local a = split(ARGV[6 + g])
   local G = {
     key = a[1], lease = tonumber(a[2]),
     breaker = a[3] == '1', open_for = tonumber(a[4]), probes = tonumber(a[5]), busy_delay = tonumber(a[6]),
@@ -182,7 +187,8 @@ end
 
 local ADMIT = {'bs', 'bg', 'bk'}
 local ADMIT_BUDGET = {'bs', 'bg', 'bk', 'ys', 'ya', 'yr', 'yA', 'yR'}
-local out, states = {fmt(now)}, {}
+local _, record_transitions = apply_records(ARGV, 8 + ngroups, tonumber(ARGV[7 + ngroups]), 4 * ngroups + 1, idle_ttl)
+local out, states = {fmt(now), record_transitions}, {}
 for g, G in ipairs(groups) do
   local H = load(G.s, G.budget and ADMIT_BUDGET or ADMIT, G.fields)
   states[g] = H
@@ -190,7 +196,7 @@ for g, G in ipairs(groups) do
   out[#out + 1] = result
   finish(H, now, idle_ttl)
   if result[1] == 0 then
-    for d = 1, g - 1 do release_group(groups[d], states[d], out[d + 1]) end
+    for d = 1, g - 1 do release_group(groups[d], states[d], out[d + 2]) end
     break
   end
 end
