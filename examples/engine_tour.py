@@ -80,9 +80,8 @@ def main() -> None:
         stats[tenant]["succeeded" if ok else "failed"] += 1
         latency[tenant].append(clock.now() - (context.first_seen or due))
 
-    print(
-        f"simulated {clock.now() - start:.1f}s; breaker now {pipeline.store.status('service:partner').breaker}\n"
-    )
+    breaker = pipeline.store.status("service:partner").breaker
+    print(f"simulated {clock.now() - start:.1f}s; breaker now {breaker}\n")
     for tenant, counts in stats.items():
         waits = sorted(latency[tenant])
         p95 = waits[int(0.95 * (len(waits) - 1))] if waits else 0.0

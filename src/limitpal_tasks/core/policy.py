@@ -170,6 +170,9 @@ class Breaker:
                 )
             size = float(math.ceil(size))
         _set(self, "window", size)
+        if window_type == "count" and self.minimum_calls > size:
+            # As in Resilience4j: a count window can never hold more calls than its size.
+            _set(self, "minimum_calls", int(size))
         _set(
             self,
             "slow_call_duration",

@@ -127,7 +127,7 @@ class BreakerData:
             self.slow += sign
 
     def trips(self, config: Breaker) -> bool:
-        if self.calls < config.minimum_calls:
+        if self.calls < config.minimum_calls:  # capped at a count window's size (Resilience4j)
             return False
         if self.failures * 100.0 >= config.failure_rate_threshold * self.calls:
             return True
@@ -161,20 +161,21 @@ class BudgetData:
 class KeyState:
     """Everything kept under one key."""
 
-    __slots__ = ("breaker", "budget", "last_lease", "leases", "pause_reason", "paused_until", "tats")
+    __slots__ = ("breaker", "budget", "leases", "pause_reason", "paused_until", "tats")
 
     def __init__(self) -> None:
         self.paused_until = 0.0
         self.pause_reason: str | None = None
         self.breaker: BreakerData | None = None
         self.leases: dict[str, float] = {}
-        self.last_lease = 0.0
         self.tats: dict[str, float] = {}
         self.budget: BudgetData | None = None
 
     def horizon(self) -> float:
         """The latest time at which anything kept here still matters."""
-        latest = max(self.paused_until, self.last_lease, max(self.tats.values(), default=0.0))
+        latest = max(
+            self.paused_until, max(self.leases.values(), default=0.0), max(self.tats.values(), default=0.0)
+        )
         if self.breaker is not None:
             latest = max(latest, self.breaker.open_until, max(self.breaker.probes.values(), default=0.0))
         return latest
@@ -281,7 +282,6 @@ def admit_group(
             breaker.probes[ticket_id] = now + lease_for
     expiry = now + lease_for
     state.leases[ticket_id] = expiry
-    state.last_lease = max(state.last_lease, expiry)
     if group.budget is not None:
         budget = state.budget or BudgetData()
         state.budget = budget

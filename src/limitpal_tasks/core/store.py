@@ -58,9 +58,9 @@ def merge_admission(request: AdmitRequest, results: Sequence[GroupResult]) -> Ad
     transitions = tuple(t for r in results for t in r.transitions)
     if not last.admitted:
         reservations: dict[str, float] = {}
+        # Slots booked by the deferring group, and slots carried from an earlier deferral
+        # that groups admitted before it had used: nothing was consumed, so all stay valid.
         for group, result in zip(request.groups, results):
-            if result.admitted:
-                continue
             for limit, slot in zip(group.rates, result.reservations):
                 if slot:
                     reservations[reservation_id(group.key, limit.slot_id)] = slot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict, deque
 
@@ -33,65 +34,19 @@ from ..errors import ConfigurationError
 
 __all__ = ["MemoryStore"]
 
+log = logging.getLogger("limitpal_tasks.stores.memory")
+
+_SWEEP_EVERY = 16  # operations between two looks at the least recently used keys
 _SWEEP_PER_CALL = 32
-_SHARDS = 16  # independent locks, so threads working on different keys rarely wait
-
-
-class _Shard:
-    """A slice of the keys with its own lock and LRU order."""
-
-    __slots__ = ("evicted", "idle_ttl", "keys", "lock", "max_keys", "ops")
-
-    def __init__(self, idle_ttl: float, max_keys: int) -> None:
-        self.lock = threading.Lock()
-        self.keys: OrderedDict[str, tuple[KeyState, list[float]]] = OrderedDict()
-        self.idle_ttl = idle_ttl
-        self.max_keys = max_keys
-        self.evicted = 0
-        self.ops = 0
-
-    # The caller holds ``lock`` for both methods.
-
-    def state(self, key: str, now: float) -> KeyState:
-        entry = self.keys.get(key)
-        if entry is None:
-            self.sweep(now)
-            entry = (KeyState(), [now])
-            self.keys[key] = entry
-            if len(self.keys) > self.max_keys:
-                self.keys.popitem(last=False)
-                self.evicted += 1
-        else:
-            entry[1][0] = now
-            self.keys.move_to_end(key)
-            self.ops += 1
-            if not self.ops & 15:  # look at the oldest keys every 16 operations: amortized O(1)
-                self.sweep(now)
-        return entry[0]
-
-    def sweep(self, now: float) -> None:
-        keys = self.keys
-        for _ in range(_SWEEP_PER_CALL):
-            if not keys:
-                return
-            key, (state, touched) = next(iter(keys.items()))
-            if touched[0] + self.idle_ttl > now:
-                return
-            if state.horizon() > now:
-                touched[0] = now
-                keys.move_to_end(key)
-            else:
-                del keys[key]
-                self.evicted += 1
 
 
 class MemoryStore:
     """State for one process: thread-safe, O(1) per decision, bounded in memory.
 
     A key idle for ``idle_ttl`` seconds (and with nothing pending: no open breaker, pause,
-    lease or booked slot) is evicted; beyond ``max_keys`` keys the least recently used go
-    first. Every worker process has its own ``MemoryStore``: use :class:`RedisStore` to
-    share state across processes and hosts.
+    live lease or booked slot) is evicted; beyond ``max_keys`` keys the least recently
+    used goes first. Every worker process has its own ``MemoryStore``: use ``RedisStore``
+    to share state across processes and hosts.
 
     >>> store = MemoryStore()
     >>> store.status("tenant:acme").breaker
@@ -111,22 +66,55 @@ class MemoryStore:
         if not max_keys >= 1:
             raise ConfigurationError("MemoryStore.max_keys", max_keys, "expected an integer >= 1")
         self._clock = clock or MonotonicClock()
-        count = min(_SHARDS, int(max_keys))
-        self._shards = tuple(_Shard(float(idle_ttl), int(max_keys) // count) for _ in range(count))
-        self._dead_lock = threading.Lock()
+        self._idle_ttl = float(idle_ttl)
+        self._max_keys = int(max_keys)
+        self._lock = threading.Lock()
+        # key -> (state, [last touched]); ordered from least to most recently used
+        self._keys: OrderedDict[str, tuple[KeyState, list[float]]] = OrderedDict()
+        self._ops = 0
         self._dead: OrderedDict[str, DeadLetter] = OrderedDict()
         self._dead_limit = dead_letter_limit
+        self.evicted = 0
+        """Keys evicted so far (idle past ``idle_ttl``, or beyond ``max_keys``)."""
+        self.dead_dropped = 0
+        """Dead letters dropped (oldest first) beyond ``dead_letter_limit``."""
 
     def __len__(self) -> int:
-        return sum(len(shard.keys) for shard in self._shards)
+        return len(self._keys)
 
-    @property
-    def evicted(self) -> int:
-        """Keys evicted so far (idle past ``idle_ttl``, or beyond ``max_keys``)."""
-        return sum(shard.evicted for shard in self._shards)
+    # -- bookkeeping (the caller holds the lock) --------------------------------
 
-    def _shard(self, key: str) -> _Shard:
-        return self._shards[hash(key) % len(self._shards)]
+    def _state(self, key: str, now: float) -> KeyState:
+        entry = self._keys.get(key)
+        if entry is None:
+            entry = (KeyState(), [now])
+            self._keys[key] = entry
+            if len(self._keys) > self._max_keys:
+                self._keys.popitem(last=False)
+                self.evicted += 1
+        else:
+            entry[1][0] = now
+            self._keys.move_to_end(key)
+        return entry[0]
+
+    def _sweep(self, now: float) -> None:
+        """Evict idle keys from the least recently used end: amortized O(1)."""
+        self._ops += 1
+        if self._ops % _SWEEP_EVERY:
+            return
+        keys = self._keys
+        for _ in range(_SWEEP_PER_CALL):
+            if not keys:
+                return
+            key, (state, touched) = next(iter(keys.items()))
+            if touched[0] + self._idle_ttl > now:
+                return
+            if state.horizon() > now:
+                touched[0] = now  # still pending: look again after another idle_ttl
+                keys.move_to_end(key)
+            else:
+                del keys[key]
+                self.evicted += 1
 
     def _now(self, now: float | None) -> float:
         return self._clock.now() if now is None else now
@@ -136,32 +124,25 @@ class MemoryStore:
     def admit(self, request: AdmitRequest) -> AdmitResult:
         now = self._now(request.now)
         groups = request.groups
-        if len(groups) == 1:  # one key: one lock, nothing to compensate
-            group = groups[0]
-            shard = self._shard(group.key)
-            with shard.lock:
-                result = admit_group(
-                    shard.state(group.key, now), group, request.ticket_id, request.policy, now, request.rand
-                )
-            return merge_admission(request, (result,))
-        shards = [self._shard(group.key) for group in groups]
-        locks = sorted({id(shard): shard.lock for shard in shards}.items())  # one global order: no deadlock
         results: list[GroupResult] = []
-        for _, lock in locks:
-            lock.acquire()
-        try:
-            states = [shard.state(group.key, now) for shard, group in zip(shards, groups)]
-            for state, group in zip(states, groups):
-                result = admit_group(state, group, request.ticket_id, request.policy, now, request.rand)
-                results.append(result)
-                if not result.admitted:
-                    for done_state, done_group, done in zip(states, groups, results):
-                        if done.admitted:
-                            release_group(done_state, done_group, request.ticket_id, done)
-                    break
-        finally:
-            for _, lock in locks:
-                lock.release()
+        with self._lock:
+            self._sweep(now)
+            if len(groups) == 1:  # one key: nothing to compensate
+                group = groups[0]
+                state = self._state(group.key, now)
+                results.append(
+                    admit_group(state, group, request.ticket_id, request.policy, now, request.rand)
+                )
+            else:
+                states = [self._state(group.key, now) for group in groups]
+                for state, group in zip(states, groups):
+                    result = admit_group(state, group, request.ticket_id, request.policy, now, request.rand)
+                    results.append(result)
+                    if not result.admitted:
+                        for done_state, done_group, done in zip(states, groups, results):
+                            if done.admitted:
+                                release_group(done_state, done_group, request.ticket_id, done)
+                        break
         return merge_admission(request, results)
 
     async def admit_async(self, request: AdmitRequest) -> AdmitResult:
@@ -171,11 +152,11 @@ class MemoryStore:
         now = self._now(now)
         transitions: tuple[Transition, ...] = ()
         recorded = False
-        for group, generation in zip(ticket.groups, ticket.generations):
-            shard = self._shard(group.key)
-            with shard.lock:
+        with self._lock:
+            self._sweep(now)
+            for group, generation in zip(ticket.groups, ticket.generations):
                 done, changed = record_group(
-                    shard.state(group.key, now),
+                    self._state(group.key, now),
                     group,
                     ticket.id,
                     generation,
@@ -196,9 +177,8 @@ class MemoryStore:
 
     def spend_retry(self, key: str, budget: RetryBudget, now: float | None) -> bool:
         now = self._now(now)
-        shard = self._shard(key)
-        with shard.lock:
-            return spend_retry(shard.state(key, now), budget, now)
+        with self._lock:
+            return spend_retry(self._state(key, now), budget, now)
 
     async def spend_retry_async(self, key: str, budget: RetryBudget, now: float | None) -> bool:
         return self.spend_retry(key, budget, now)
@@ -207,32 +187,28 @@ class MemoryStore:
 
     def pause(self, key: str, seconds: float, reason: str, now: float | None = None) -> None:
         now = self._now(now)
-        shard = self._shard(key)
-        with shard.lock:
-            state = shard.state(key, now)
+        with self._lock:
+            state = self._state(key, now)
             state.paused_until = now + seconds
             state.pause_reason = reason
 
     def resume(self, key: str) -> None:
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.keys.get(key)
+        with self._lock:
+            entry = self._keys.get(key)
             if entry is not None:
                 entry[0].paused_until = 0.0
                 entry[0].pause_reason = None
 
     def status(self, key: str, now: float | None = None) -> KeyStatus:
         now = self._now(now)
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.keys.get(key)
+        with self._lock:
+            entry = self._keys.get(key)
             return status_of(entry[0] if entry else KeyState(), key, now)
 
     def reset(self, key: str, policy: str = "", now: float | None = None) -> tuple[Transition, ...]:
         now = self._now(now)
-        shard = self._shard(key)
-        with shard.lock:
-            return reset_breaker(shard.state(key, now), policy, key, now)
+        with self._lock:
+            return reset_breaker(self._state(key, now), policy, key, now)
 
     def force(
         self, key: str, state: BreakerState, policy: str = "", now: float | None = None
@@ -240,25 +216,31 @@ class MemoryStore:
         if state not in ("forced_open", "disabled", "closed"):
             raise ConfigurationError("state", state, 'expected "forced_open", "disabled" or "closed"')
         now = self._now(now)
-        shard = self._shard(key)
-        with shard.lock:
-            return force_breaker(shard.state(key, now), state, policy, key, now)
+        with self._lock:
+            return force_breaker(self._state(key, now), state, policy, key, now)
 
     # -- dead letters ---------------------------------------------------------
 
     def put_dead(self, letter: DeadLetter) -> None:
-        with self._dead_lock:
+        with self._lock:
             self._dead[letter.id] = letter
             while len(self._dead) > self._dead_limit:
-                self._dead.popitem(last=False)
+                dropped = self._dead.popitem(last=False)[1]
+                self.dead_dropped += 1
+                log.warning(
+                    "dead letter full (%d entries): dropped the oldest, %s %s",
+                    self._dead_limit,
+                    dropped.task_name,
+                    dropped.id,
+                )
 
     def list_dead(self, limit: int = 100) -> list[DeadLetter]:
-        with self._dead_lock:
+        with self._lock:
             newest: deque[DeadLetter] = deque(self._dead.values(), maxlen=limit)
         return list(reversed(newest))
 
     def take_dead(self, letter_id: str) -> DeadLetter | None:
-        with self._dead_lock:
+        with self._lock:
             return self._dead.pop(letter_id, None)
 
     def close(self) -> None:

@@ -1,0 +1,1 @@
+"""The store contract suite: every test here runs against every store in ``STORES``."""
