@@ -26,6 +26,7 @@ from .core.policy import (
     RetryPolicy,
 )
 from .core.store import Store
+from .core.testing import set_testing
 from .core.units import Rate
 from .errors import (
     ConfigurationError,
@@ -78,5 +79,6 @@ __all__ = [
     "Ticket",
     "Transition",
     "__version__",
+    "set_testing",
     "store_from_url",
 ]

