@@ -197,9 +197,15 @@ class RedisStore:
         clock: Clock | None = None,
         cluster: bool | None = None,
         idle_ttl: float = 3600.0,
+        batch_delay: float = 0.05,
+        batch_size: int = 64,
         **client_options: Any,
     ) -> RedisStore:
-        """Connect to ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` (``?cluster=true``)."""
+        """Connect to ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` (``?cluster=true``).
+
+        ``store_timeout`` bounds every call (connect and reply); other keyword arguments
+        go to the redis-py client (``password``, ``ssl_ca_certs``, ...).
+        """
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         scheme = parts.scheme
@@ -233,7 +239,15 @@ class RedisStore:
             def async_factory() -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
                 return redis.asyncio.Redis.from_url(clean, **options)
 
-        return cls(client, prefix=prefix, clock=clock, idle_ttl=idle_ttl, async_factory=async_factory)
+        return cls(
+            client,
+            prefix=prefix,
+            clock=clock,
+            idle_ttl=idle_ttl,
+            async_factory=async_factory,
+            batch_delay=batch_delay,
+            batch_size=batch_size,
+        )
 
     @property
     def client(self) -> redis.Redis | redis.cluster.RedisCluster:
