@@ -25,6 +25,7 @@ from .decisions import (
     AdmitRequest,
     Admitted,
     Decision,
+    DeferReason,
     Deferred,
     Group,
     Outcome,
@@ -247,6 +248,15 @@ class Pipeline:
             decision = Admitted(ticket, result.transitions)
         else:
             decision = self._deferred(policy, context, result)
+        self.hooks.decision(policy.name, decision)
+        return decision
+
+    def deferral(
+        self, policy: Policy, context: TaskContext, reason: DeferReason, delay: float, now: float
+    ) -> Deferred:
+        """A deferral decided outside ``admit`` (e.g. the task raised ``Cooldown``), with the
+        same jitter and bounds as any other."""
+        decision = self._deferred(policy, context, AdmitResult(False, now, reason, delay))
         self.hooks.decision(policy.name, decision)
         return decision
 

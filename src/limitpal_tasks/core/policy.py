@@ -568,6 +568,30 @@ class Policy:
 
     # -- settings -------------------------------------------------------------
 
+    def evolve(self, **changes: Any) -> Policy:
+        """A copy with some fields changed, validated like a new policy.
+
+        >>> Policy("api", rate="5/s").evolve(key="tenant:{tenant_id}").key
+        KeyTemplate('tenant:{tenant_id}')
+        """
+        current: dict[str, Any] = {
+            "name": self.name,
+            "key": self.key,
+            "breaker": self.breaker,
+            "bulkhead": self.bulkhead,
+            "rate": list(self.rates) or None,
+            "retry": self.retry,
+            "defer": self.defer,
+            "failure": self.failure,
+            "fail_mode": self.fail_mode,
+            "lease": self.lease,
+        }
+        unknown = sorted(set(changes) - set(current))
+        if unknown:
+            raise ConfigurationError("policy", unknown, f"expected fields among {', '.join(sorted(current))}")
+        current.update(changes)
+        return Policy(**current)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str | None = None) -> Policy:
         """Build a policy from plain settings data, rejecting unknown fields.

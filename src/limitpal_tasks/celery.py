@@ -1,0 +1,7 @@
+"""``limitpal_tasks.celery``: the Celery integration (see :mod:`limitpal_tasks.integrations.celery`)."""
+
+from __future__ import annotations
+
+from .integrations.celery import Cooldown, ResilientTask, install, resilient_task, runtime
+
+__all__ = ["Cooldown", "ResilientTask", "install", "resilient_task", "runtime"]

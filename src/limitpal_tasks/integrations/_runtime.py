@@ -1,0 +1,271 @@
+"""What both integrations share: settings, the per-process runtime, message state, dead letters.
+
+The Celery and Dramatiq adapters only translate; every decision they act on comes from
+here and from the core, so users see the same policies, keys, reasons and dead letters
+on either.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.deadletter import DeadLetter
+from ..core.decisions import Deferred
+from ..core.keys import ArgBinder, TaskContext
+from ..core.pipeline import Pipeline
+from ..core.policy import FailMode, Policy
+from ..core.store import Store
+from ..errors import ConfigurationError, StoreError
+from ..stores.factory import store_from_url
+from ..stores.memory import MemoryStore
+
+__all__ = ["HEADER", "Runtime", "Settings", "dead_letter", "message_state", "state_header"]
+
+log = logging.getLogger("limitpal_tasks.worker")
+
+HEADER = "limitpal"
+"""The message header (Celery) / option (Dramatiq) carrying deferral state across requeues."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated worker-level settings, the same for Celery (``app.conf.limitpal_*``) and Dramatiq."""
+
+    store_url: str = "memory://"
+    policies: Mapping[str, Policy] = field(default_factory=dict)
+    task_policies: Mapping[str, str] = field(default_factory=dict)
+    fail_mode: FailMode = "open"
+    key_prefix: str = "limitpal"
+    store_timeout: float = 0.25
+
+    @classmethod
+    def from_mapping(cls, conf: Mapping[str, Any], prefix: str = "limitpal_") -> Settings:
+        """Read ``{prefix}store_url``, ``{prefix}policies``, ... from a settings mapping.
+
+        Errors name the setting, the field and the value, e.g.
+        ``limitpal_policies.payments.breaker.failure_rate_threshold: expected ..., got 150``.
+        """
+
+        def get(name: str, default: Any) -> Any:
+            value = conf.get(prefix + name)
+            return default if value is None else value
+
+        fail_mode = get("fail_mode", "open")
+        if fail_mode not in ("open", "closed"):
+            raise ConfigurationError(prefix + "fail_mode", fail_mode, 'expected "open" or "closed"')
+        store_url = get("store_url", "memory://")
+        if not isinstance(store_url, str) or "://" not in store_url:
+            raise ConfigurationError(
+                prefix + "store_url", store_url, "expected a URL such as redis://localhost:6379/0"
+            )
+        key_prefix = get("key_prefix", "limitpal")
+        if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{} \n"):
+            raise ConfigurationError(
+                prefix + "key_prefix", key_prefix, "expected a name without braces or spaces"
+            )
+        timeout = get("store_timeout", 0.25)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigurationError(prefix + "store_timeout", timeout, "expected seconds > 0")
+        raw = get("policies", {})
+        if not isinstance(raw, Mapping):
+            raise ConfigurationError(
+                prefix + "policies", raw, "expected a mapping of policy name to policy fields"
+            )
+        policies: dict[str, Policy] = {}
+        for name, spec in raw.items():
+            if isinstance(spec, Policy):
+                policies[name] = spec
+                continue
+            data = (
+                {**spec, "fail_mode": fail_mode}
+                if isinstance(spec, Mapping) and "fail_mode" not in spec
+                else spec
+            )
+            try:
+                policies[name] = Policy.from_dict(data, name=name)
+            except ConfigurationError as exc:
+                raise ConfigurationError(prefix + exc.field, exc.value, exc.expected) from None
+        task_policies = get("task_policies", {})
+        if not isinstance(task_policies, Mapping):
+            raise ConfigurationError(
+                prefix + "task_policies", task_policies, "expected a mapping of task name to policy name"
+            )
+        for task, name in task_policies.items():
+            if name not in policies:
+                raise ConfigurationError(
+                    f"{prefix}task_policies.{task}",
+                    name,
+                    f"expected a policy of {prefix}policies ({', '.join(sorted(policies)) or 'none defined'})",
+                )
+        return cls(store_url, policies, dict(task_policies), fail_mode, key_prefix, float(timeout))
+
+
+def state_header(decision: Deferred) -> dict[str, Any]:
+    """The deferral state a requeued message carries (JSON-safe)."""
+    return {
+        "deferrals": decision.deferrals,
+        "first_seen": decision.first_seen,
+        "reservations": dict(decision.reservations),
+    }
+
+
+def message_state(header: object) -> tuple[int, float | None, dict[str, float]]:
+    """``(deferrals, first_seen, reservations)`` from a message's header; tolerant of junk."""
+    if not isinstance(header, Mapping):
+        return 0, None, {}
+    try:
+        deferrals = int(header.get("deferrals", 0))
+        first = header.get("first_seen")
+        first_seen = None if first is None else float(first)
+        reservations = {str(k): float(v) for k, v in (header.get("reservations") or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        log.warning("ignoring a malformed %r header: %r", HEADER, header)
+        return 0, None, {}
+    return deferrals, first_seen, reservations
+
+
+def dead_letter(
+    store: Store,
+    *,
+    task_name: str,
+    reason: str,
+    policy: str,
+    key: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    headers: Mapping[str, Any],
+    attempts: int,
+    deferrals: int,
+    first_seen: float | None,
+    error: str,
+    letter_id: str | None = None,
+) -> DeadLetter:
+    """Store a dead letter (and log it); a store failure is logged, never raised over the task's error."""
+    letter = DeadLetter(
+        id=letter_id or uuid.uuid4().hex,
+        task_name=task_name,
+        reason=reason,
+        policy=policy,
+        key=key,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        headers={k: v for k, v in headers.items() if k != HEADER},
+        attempts=attempts,
+        deferrals=deferrals,
+        first_seen=first_seen,
+        dead_at=time.time(),
+        error=error,
+    )
+    try:
+        store.put_dead(letter)
+    except StoreError as exc:
+        log.error(
+            "dead letter for %s %s (%s) could not be stored: %s; entry: %s",
+            task_name,
+            letter.id,
+            reason,
+            exc,
+            letter.to_json(),
+        )
+    else:
+        log.warning(
+            "dead-lettered %s %s [%s] key=%s: %s (%s)", task_name, letter.id, policy, key, reason, error
+        )
+    return letter
+
+
+class Runtime:
+    """Per-process state of an integration: the store, the pipeline, and the policies.
+
+    Built lazily from :class:`Settings`; :meth:`after_fork` re-creates connections in a
+    freshly forked worker process.
+    """
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self._pipeline: Pipeline | None = None
+        self._lock = threading.Lock()
+        self._binders: dict[Callable[..., Any], ArgBinder] = {}
+        self.policies: dict[str, Policy] = dict(settings.policies)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    options: dict[str, Any] = {}
+                    if not self.settings.store_url.startswith("memory:"):
+                        options = {
+                            "prefix": self.settings.key_prefix,
+                            "store_timeout": self.settings.store_timeout,
+                        }
+                    self._store = store_from_url(self.settings.store_url, **options)
+        return self._store
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            with self._lock:
+                if self._pipeline is None:
+                    self._pipeline = Pipeline(self.store)
+        return self._pipeline
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state is shared across processes (not a per-process MemoryStore)."""
+        return not isinstance(self.store, MemoryStore)
+
+    def resolve(self, policy: Policy | str, where: str) -> Policy:
+        """A policy object from a policy or a registered name."""
+        if isinstance(policy, Policy):
+            return policy
+        found = self.policies.get(policy)
+        if found is None:
+            raise ConfigurationError(
+                where,
+                policy,
+                f"expected a Policy or a registered policy ({', '.join(sorted(self.policies)) or 'none defined'})",
+            )
+        return found
+
+    def binder(self, func: Callable[..., Any]) -> ArgBinder:
+        binder = self._binders.get(func)
+        if binder is None:
+            binder = self._binders[func] = ArgBinder(func)
+        return binder
+
+    def context(
+        self,
+        task_name: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        header: object,
+        func: Callable[..., Any],
+    ) -> TaskContext:
+        deferrals, first_seen, reservations = message_state(header)
+        return TaskContext(
+            task_name,
+            tuple(args),
+            kwargs,
+            deferrals=deferrals,
+            first_seen=first_seen,
+            reservations=reservations,
+            binder=self.binder(func),
+        )
+
+    def after_fork(self) -> None:
+        """Drop connections inherited from the parent; the next use reconnects."""
+        reconnect = getattr(self._store, "reconnect", None)
+        if callable(reconnect):
+            reconnect()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
