@@ -101,7 +101,7 @@ class Settings:
                 raise ConfigurationError(
                     f"{prefix}task_policies.{task}",
                     name,
-                    f"expected a policy of {prefix}policies ({', '.join(sorted(policies)) or 'none defined'})",
+                    f"expected a policy of {prefix}policies ({', '.join(sorted(policies)) or 'none'})",
                 )
         return cls(store_url, policies, dict(task_policies), fail_mode, key_prefix, float(timeout))
 
@@ -231,7 +231,7 @@ class Runtime:
             raise ConfigurationError(
                 where,
                 policy,
-                f"expected a Policy or a registered policy ({', '.join(sorted(self.policies)) or 'none defined'})",
+                f"expected a Policy or a registered one ({', '.join(sorted(self.policies)) or 'none'})",
             )
         return found
 
