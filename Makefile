@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 services:
-	bash scripts/ensure-services.sh redis
+	bash scripts/ensure-services.sh redis rabbitmq
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
