@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test lint typecheck pytest services bench clean
+.PHONY: test lint typecheck pytest services bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: lint typecheck pytest
 
 bench: $(STAMP) services
 	$(PY) benchmarks/run.py
+
+demo: $(STAMP)
+	$(VENV)/bin/limitpal-tasks demo $(if $(BROKER),--broker $(BROKER)) $(if $(STORE),--store $(STORE))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist benchmarks/results

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from .decisions import Decision, Transition
+from .decisions import Decision, Deferred, Transition
+from .keys import TaskContext
 
 __all__ = ["HookRunner", "Hooks"]
 
@@ -24,6 +25,10 @@ class Hooks:
 
     def on_decision(self, policy: str, decision: Decision) -> None:
         """Every admission decision, admitted or deferred."""
+
+    def on_defer(self, policy: str, decision: Deferred, context: TaskContext) -> None:
+        """An execution was deferred (``decision.reason``, ``decision.delay``); ``context``
+        says which task and arguments."""
 
     def on_store_error(self, policy: str, error: BaseException, fallback: str) -> None:
         """The store failed; ``fallback`` is ``"open"`` (ran locally) or ``"closed"`` (deferred)."""
@@ -68,6 +73,21 @@ class HookRunner:
                 hook.on_decision(policy, decision)
             except Exception:
                 self._failed(hook, "on_decision")
+
+    def defer(self, policy: str, decision: Deferred, context: TaskContext) -> None:
+        log.debug(
+            "deferred %s [%s] by %.3fs: %s (deferral %d)",
+            context.task_name,
+            policy,
+            decision.delay,
+            decision.reason,
+            decision.deferrals,
+        )
+        for hook in self.hooks:
+            try:
+                hook.on_defer(policy, decision, context)
+            except Exception:
+                self._failed(hook, "on_defer")
 
     def store_error(self, policy: str, error: BaseException, fallback: str) -> None:
         for hook in self.hooks:

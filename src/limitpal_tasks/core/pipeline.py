@@ -248,6 +248,7 @@ class Pipeline:
             decision = Admitted(ticket, result.transitions)
         else:
             decision = self._deferred(policy, context, result)
+            self.hooks.defer(policy.name, decision, context)
         self.hooks.decision(policy.name, decision)
         return decision
 
@@ -257,6 +258,7 @@ class Pipeline:
         """A deferral decided outside ``admit`` (e.g. the task raised ``Cooldown``), with the
         same jitter and bounds as any other."""
         decision = self._deferred(policy, context, AdmitResult(False, now, reason, delay))
+        self.hooks.defer(policy.name, decision, context)
         self.hooks.decision(policy.name, decision)
         return decision
 

@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred
+from ..core.events import Hooks
 from ..core.keys import ArgBinder, TaskContext
 from ..core.pipeline import Pipeline
 from ..core.policy import FailMode, Policy
@@ -187,9 +188,10 @@ class Runtime:
     freshly forked worker process.
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None, hooks: Sequence[Hooks] = ()) -> None:
         self.settings = settings
         self._store = store
+        self._hooks = tuple(hooks)
         self._pipeline: Pipeline | None = None
         self._lock = threading.Lock()
         self._binders: dict[Callable[..., Any], ArgBinder] = {}
@@ -214,7 +216,7 @@ class Runtime:
         if self._pipeline is None:
             with self._lock:
                 if self._pipeline is None:
-                    self._pipeline = Pipeline(self.store)
+                    self._pipeline = Pipeline(self.store, hooks=self._hooks)
         return self._pipeline
 
     @property

@@ -32,6 +32,7 @@ from celery import Celery, Task, shared_task, signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from ..core.decisions import Admitted, Deferred, Outcome
+from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
 from ..core.policy import Policy
 from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, LimitpalError
@@ -50,7 +51,11 @@ def runtime(app: Celery) -> Runtime:
     """The limitpal runtime of ``app`` in this process (built from ``app.conf`` on first use)."""
     found = _runtimes.get(app)
     if found is None:
-        found = _runtimes[app] = Runtime(Settings.from_mapping(app.conf))
+        hooks = app.conf.get("limitpal_hooks") or ()
+        for hook in hooks:
+            if not isinstance(hook, Hooks):
+                raise ConfigurationError("limitpal_hooks", hook, "expected limitpal_tasks.Hooks instances")
+        found = _runtimes[app] = Runtime(Settings.from_mapping(app.conf), hooks=hooks)
     return found
 
 
