@@ -254,8 +254,13 @@ def install(app: Celery) -> Celery:
         if getattr(sender, "app", app) is not app:
             return
         _runtimes.pop(app, None)
-        rt = runtime(app)  # raises ConfigurationError naming the setting: the worker stops
-        _check_tasks(app, rt)
+        try:
+            rt = runtime(app)
+            _check_tasks(app, rt)
+        except ConfigurationError as exc:
+            # Celery logs and swallows exceptions from signal handlers; SystemExit stops the worker.
+            log.critical("limitpal_tasks: invalid configuration, the worker stops: %s", exc)
+            raise SystemExit(f"limitpal_tasks: invalid configuration: {exc}") from exc
         concurrency = getattr(sender, "concurrency", 1) or 1
         pool = str(getattr(sender, "pool_cls", "") or "")
         if not rt.shared and concurrency > 1 and "prefork" in pool.lower():
