@@ -260,9 +260,10 @@ class RateLimit:
     """A GCRA rate limit per key: ``RateLimit("100/s", burst=10)``.
 
     A non-conforming execution is deferred to a *reserved* future slot, booked now, so it
-    is admitted without contending when it comes back (within ``grace`` seconds of the
-    slot). Slots further than ``reserve_ahead`` seconds away are not booked: the execution
-    is deferred to that horizon and contends again.
+    is admitted without contending when it comes back (up to ``grace`` seconds late;
+    a crowd of late returns still runs at the rate). Slots further than ``reserve_ahead``
+    seconds away are not booked: the execution is deferred until its slot would enter
+    that horizon, and contends again.
     """
 
     rate: Rate
@@ -272,6 +273,7 @@ class RateLimit:
     key: KeyTemplate | None
     interval: float
     slot_id: str
+    exec_id: str
 
     def __init__(
         self,
@@ -279,7 +281,7 @@ class RateLimit:
         *,
         burst: int = 1,
         reserve_ahead: Duration = 60.0,
-        grace: Duration = 2.0,
+        grace: Duration = 60.0,
         key: KeySpec | None = None,
     ) -> None:
         _set(self, "rate", Rate.parse(rate, "rate_limit.rate"))
@@ -291,6 +293,7 @@ class RateLimit:
         # under a key (two limits of one key never share it).
         _set(self, "interval", self.rate.interval)
         _set(self, "slot_id", f"{exact(self.rate.limit)}/{exact(self.rate.per)}/{self.burst}")
+        _set(self, "exec_id", self.slot_id + "#x")
 
 
 @dataclass(frozen=True, slots=True, init=False)

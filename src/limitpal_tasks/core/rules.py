@@ -293,74 +293,81 @@ def admit_group(
 
 
 def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tuple[float, ...]:
-    """GCRA over every limit of the group.
+    """GCRA over every limit of the group, with two schedules per limit.
+
+    The *booking* schedule (``tats[slot_id]``) hands out slots, now or in the future
+    (reservations). The *execution* schedule (``tats[slot_id + "#x"]``) counts admissions
+    when they happen: a task that returns late for its booked slot, in a crowd of other
+    late ones, still runs no faster than the rate (it waits a short, uncounted hop).
 
     Returns the deferral, or (all conform, now consumed) per limit the reserved slot the
-    execution used, ``0.0`` where it took a fresh token.
+    execution used, ``0.0`` where it took a fresh slot.
     """
     rates = group.rates
     tats = state.tats
-    if not group.reservations:  # the common case: nothing carried from a deferral
-        if len(rates) == 1:
-            limit = rates[0]
-            tat = tats.get(limit.slot_id, 0.0)
-            tat = max(tat, now)
-            if tat + limit.interval * (1 - limit.burst) <= now:
-                tats[limit.slot_id] = tat + limit.interval
-                return (0.0,)
-        carried: tuple[float | None, ...] = (None,) * len(rates)
-        uncovered = list(range(len(rates)))
-    else:
-        carried = group.reservations
-        early = 0.0
-        uncovered = []
-        for i, limit in enumerate(rates):
-            slot = carried[i]
-            if slot is not None and slot - EARLY_TOLERANCE <= now <= slot + limit.grace:
-                continue
-            if slot is not None and now < slot:
-                early = max(early, slot - now)
-                continue
-            uncovered.append(i)
-        if early > 0:
-            kept = tuple(
-                s if s is not None and s + rates[i].grace >= now else 0.0 for i, s in enumerate(carried)
-            )
-            return _defer(now, "rate_limited", early, early=True, reservations=kept)
+    carried: tuple[float | None, ...] = group.reservations or (None,) * len(rates)
+    covered = [
+        slot is not None and slot - EARLY_TOLERANCE <= now <= slot + limit.grace
+        for slot, limit in zip(carried, rates)
+    ]
+    early = 0.0
+    for slot, hit in zip(carried, covered):
+        if slot is not None and not hit and now < slot:
+            early = max(early, slot - now)
+    if early <= 0:
+        # Even a covered slot waits for the execution schedule (late crowds run at the rate).
+        for limit, hit in zip(rates, covered):
+            if hit:
+                ready = max(tats.get(limit.exec_id, 0.0), now) + limit.interval * (1 - limit.burst)
+                early = max(early, ready - now)
+    if early > 0:
+        kept = tuple(
+            s if s is not None and s + limit.grace >= now else 0.0 for s, limit in zip(carried, rates)
+        )
+        return _defer(now, "rate_limited", early, early=True, reservations=kept)
     target = now
     horizon = math.inf
-    for i in uncovered:
-        limit = rates[i]
-        tat = max(tats.get(limit.slot_id, 0.0), now)
-        target = max(target, tat + limit.interval * (1 - limit.burst))
+    for limit, hit in zip(rates, covered):
+        if hit:
+            continue
+        booked = max(tats.get(limit.slot_id, 0.0), now)
+        executed = max(tats.get(limit.exec_id, 0.0), now)
+        target = max(
+            target, booked + limit.interval * (1 - limit.burst), executed + limit.interval * (1 - limit.burst)
+        )
         horizon = min(horizon, limit.reserve_ahead)
     if target <= now:
-        for i in uncovered:
-            limit = rates[i]
-            tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), now) + limit.interval
-        return tuple(0.0 if i in uncovered else (carried[i] or 0.0) for i in range(len(rates)))
+        for limit, hit in zip(rates, covered):
+            if not hit:
+                tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), now) + limit.interval
+            tats[limit.exec_id] = max(tats.get(limit.exec_id, 0.0), now) + limit.interval
+        return tuple(slot if hit and slot is not None else 0.0 for slot, hit in zip(carried, covered))
     if target - now > horizon:
-        kept = tuple(s if s is not None and i not in uncovered else 0.0 for i, s in enumerate(carried))
+        kept = tuple(s if s is not None and hit else 0.0 for s, hit in zip(carried, covered))
         return _defer(now, "rate_limited", target - now - horizon, reservations=kept)
-    for i in uncovered:
-        limit = rates[i]
-        tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), target) + limit.interval
-    booked = tuple(target if i in uncovered else (carried[i] or 0.0) for i in range(len(rates)))
-    return _defer(now, "rate_limited", target - now, reservations=booked)
+    for limit, hit in zip(rates, covered):
+        if not hit:
+            tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), target) + limit.interval
+    booked_slots = tuple(s if hit and s is not None else target for s, hit in zip(carried, covered))
+    return _defer(now, "rate_limited", target - now, reservations=booked_slots)
 
 
 def release_group(state: KeyState, group: Group, ticket_id: str, admitted: GroupResult) -> None:
     """Undo an admission of this group because a later group of the request deferred.
 
-    Leases and probe slots are given back; tokens taken from rate limits (slots that were
-    not covered by a carried reservation) are refunded.
+    Leases and probe slots are given back; the execution slot of every rate limit is
+    refunded, and so is the booked slot where the admission took a fresh one (a carried
+    reservation stays with the message).
     """
     state.leases.pop(ticket_id, None)
     if state.breaker is not None:
         state.breaker.probes.pop(ticket_id, None)
+    tats = state.tats
     for limit, slot in zip(group.rates, admitted.reservations):
-        if slot == 0.0 and limit.slot_id in state.tats:
-            state.tats[limit.slot_id] -= limit.interval
+        if limit.exec_id in tats:
+            tats[limit.exec_id] -= limit.interval
+        if slot == 0.0 and limit.slot_id in tats:
+            tats[limit.slot_id] -= limit.interval
 
 
 def record_group(
@@ -483,6 +490,11 @@ def force_breaker(
     return (Transition(policy, key, was, to, breaker.generation, now),)
 
 
+def _booked(state: KeyState) -> dict[str, float]:
+    """The booking schedule of each rate limit (its theoretical arrival time)."""
+    return {slot: tat for slot, tat in state.tats.items() if not slot.endswith("#x")}
+
+
 def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
     """A snapshot; an OPEN breaker whose break has ended reads as ``half_open``."""
     breaker = state.breaker
@@ -495,7 +507,7 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
             in_flight=leases,
             paused_until=paused,
             pause_reason=state.pause_reason if paused else None,
-            rates=dict(state.tats),
+            rates=_booked(state),
         )
     shown: BreakerState = breaker.state
     if shown == "open" and now >= breaker.open_until:
@@ -512,5 +524,5 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
         probes_in_flight=sum(1 for e in breaker.probes.values() if e > now),
         paused_until=paused,
         pause_reason=state.pause_reason if paused else None,
-        rates=dict(state.tats),
+        rates=_booked(state),
     )

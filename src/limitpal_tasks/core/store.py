@@ -64,6 +64,11 @@ def merge_admission(request: AdmitRequest, results: Sequence[GroupResult]) -> Ad
             for limit, slot in zip(group.rates, result.reservations):
                 if slot:
                     reservations[reservation_id(group.key, limit.slot_id)] = slot
+        # Groups after the deferring one were not evaluated: their carried slots stand.
+        for group in request.groups[len(results) :]:
+            for limit, slot in zip(group.rates, group.reservations):
+                if slot is not None:
+                    reservations[reservation_id(group.key, limit.slot_id)] = slot
         return AdmitResult(
             False, last.now, last.reason, last.delay, last.early, reservations, transitions=transitions
         )

@@ -463,8 +463,7 @@ class RedisStore:
             refunds = [
                 item
                 for limit, slot in zip(group.rates, used)
-                if float(slot) == 0.0
-                for item in (limit.slot_id, _f(limit.interval))
+                for item in (limit.slot_id, _f(limit.interval), "1" if float(slot) == 0.0 else "0")
             ]
             args = [self._now(request.now), "release", group.key, request.ticket_id, "", self._idle, *refunds]
             calls.append((self._keys(group.key), args))
@@ -711,7 +710,9 @@ class RedisStore:
                 probes_in_flight=probes,
                 paused_until=paused if paused > at else None,
                 pause_reason=data.get("pr") if paused > at else None,
-                rates={k[2:]: float(v) for k, v in data.items() if k.startswith("r:")},
+                rates={
+                    k[2:]: float(v) for k, v in data.items() if k.startswith("r:") and not k.endswith("#x")
+                },
             )
 
         return self._parse("status", parse)

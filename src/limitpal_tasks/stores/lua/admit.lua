@@ -28,7 +28,7 @@ for g = 1, ngroups do
     key = a[1], lease = tonumber(a[2]),
     breaker = a[3] == '1', open_for = tonumber(a[4]), probes = tonumber(a[5]), busy_delay = tonumber(a[6]),
     bulkhead = a[7] == '1', max = tonumber(a[8]), bh_lease = tonumber(a[9]), retry_delay = tonumber(a[10]),
-    budget = tonumber(a[11]), rates = {}, fields = {},
+    budget = tonumber(a[11]), rates = {}, fields = {}, exec = {}, hmget = {},
   }
   local pos = 13
   for i = 1, tonumber(a[12]) do
@@ -37,6 +37,9 @@ for g = 1, ngroups do
       ahead = tonumber(a[pos + 3]), grace = tonumber(a[pos + 4]), carried = tonumber(a[pos + 5]),
     }
     G.fields[i] = 'r:' .. a[pos]
+    G.exec[i] = 'r:' .. a[pos] .. '#x'
+    G.hmget[#G.hmget + 1] = G.fields[i]
+    G.hmget[#G.hmget + 1] = G.exec[i]
     pos = pos + 6
   end
   local k = (g - 1) * 4
@@ -54,19 +57,24 @@ local function slot_list(values)
   return out
 end
 
--- GCRA over the group's limits: a deferral, or the slots used per limit (0 = fresh token).
+-- GCRA over the group's limits, with a booking and an execution schedule per limit (see
+-- core/rules.py:_check_rates): a deferral, or the slots used per limit (0 = fresh slot).
 local function check_rates(G, H)
   local rates = G.rates
-  local uncovered, is_uncovered, early = {}, {}, 0.0
+  local covered = {}
   for i, r in ipairs(rates) do
-    local slot = r.carried
-    if slot ~= nil and slot - 0.001 <= now and now <= slot + r.grace then
-      -- covered by its reservation
-    elseif slot ~= nil and now < slot then
-      early = math.max(early, slot - now)
-    else
-      uncovered[#uncovered + 1] = i
-      is_uncovered[i] = true
+    covered[i] = r.carried ~= nil and r.carried - 0.001 <= now and now <= r.carried + r.grace
+  end
+  local early = 0.0
+  for i, r in ipairs(rates) do
+    if r.carried ~= nil and not covered[i] and now < r.carried then early = math.max(early, r.carried - now) end
+  end
+  if early <= 0 then
+    for i, r in ipairs(rates) do
+      if covered[i] then
+        local ready = math.max(get(H, G.exec[i], 0.0), now) + r.interval * (1 - r.burst)
+        early = math.max(early, ready - now)
+      end
     end
   end
   if early > 0 then
@@ -77,34 +85,43 @@ local function check_rates(G, H)
     return defer('rate_limited', early, true, slot_list(kept))
   end
   local target, ahead = now, math.huge
-  for _, i in ipairs(uncovered) do
-    local r = rates[i]
-    local tat = math.max(get(H, G.fields[i], 0.0), now)
-    target = math.max(target, tat + r.interval * (1 - r.burst))
-    ahead = math.min(ahead, r.ahead)
+  for i, r in ipairs(rates) do
+    if not covered[i] then
+      local booked = math.max(get(H, G.fields[i], 0.0), now)
+      local executed = math.max(get(H, G.exec[i], 0.0), now)
+      target = math.max(target, booked + r.interval * (1 - r.burst), executed + r.interval * (1 - r.burst))
+      ahead = math.min(ahead, r.ahead)
+    end
   end
   if target <= now then
     local used = {}
-    for _, i in ipairs(uncovered) do
-      local tat = math.max(get(H, G.fields[i], 0.0), now) + rates[i].interval
-      set(H, G.fields[i], tat)
-      extend(H, tat)
+    for i, r in ipairs(rates) do
+      if not covered[i] then
+        local tat = math.max(get(H, G.fields[i], 0.0), now) + r.interval
+        set(H, G.fields[i], tat)
+        extend(H, tat)
+      end
+      local executed = math.max(get(H, G.exec[i], 0.0), now) + r.interval
+      set(H, G.exec[i], executed)
+      extend(H, executed)
+      used[i] = covered[i] and r.carried or 0.0
     end
-    for i, r in ipairs(rates) do used[i] = is_uncovered[i] and 0.0 or (r.carried or 0.0) end
     return nil, used
   end
   if target - now > ahead then
     local kept = {}
-    for i, r in ipairs(rates) do kept[i] = (r.carried ~= nil and not is_uncovered[i]) and r.carried or 0.0 end
+    for i, r in ipairs(rates) do kept[i] = covered[i] and r.carried or 0.0 end
     return defer('rate_limited', target - now - ahead, false, slot_list(kept))
   end
-  for _, i in ipairs(uncovered) do
-    local tat = math.max(get(H, G.fields[i], 0.0), target) + rates[i].interval
-    set(H, G.fields[i], tat)
-    extend(H, tat)
-  end
   local booked = {}
-  for i, r in ipairs(rates) do booked[i] = is_uncovered[i] and target or (r.carried or 0.0) end
+  for i, r in ipairs(rates) do
+    if not covered[i] then
+      local tat = math.max(get(H, G.fields[i], 0.0), target) + r.interval
+      set(H, G.fields[i], tat)
+      extend(H, tat)
+    end
+    booked[i] = covered[i] and r.carried or target
+  end
   return defer('rate_limited', target - now, false, slot_list(booked))
 end
 
@@ -179,6 +196,8 @@ local function release_group(G, H, result)
   redis.call('ZREM', G.l, ticket)
   redis.call('ZREM', G.p, ticket)
   for i, r in ipairs(G.rates) do
+    local executed = get(H, G.exec[i], nil)
+    if executed then set(H, G.exec[i], executed - r.interval) end
     local tat = get(H, G.fields[i], nil)
     if tonumber(result[7][i]) == 0 and tat then set(H, G.fields[i], tat - r.interval) end
   end
@@ -190,7 +209,7 @@ local ADMIT_BUDGET = {'bs', 'bg', 'bk', 'ys', 'ya', 'yr', 'yA', 'yR'}
 local _, record_transitions = apply_records(ARGV, 8 + ngroups, tonumber(ARGV[7 + ngroups]), 4 * ngroups + 1, idle_ttl)
 local out, states = {fmt(now), record_transitions}, {}
 for g, G in ipairs(groups) do
-  local H = load(G.s, G.budget and ADMIT_BUDGET or ADMIT, G.fields)
+  local H = load(G.s, G.budget and ADMIT_BUDGET or ADMIT, G.hmget)
   states[g] = H
   local result = admit_group(G, H)
   out[#out + 1] = result

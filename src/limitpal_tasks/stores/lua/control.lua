@@ -4,14 +4,17 @@
 -- KEYS: s, l, p, w of the key (see _lib.lua).
 -- ARGV: now ('' = server TIME), action (pause|resume|reset|forced_open|disabled|release), key,
 --   seconds (pause) or ticket id (release), reason (pause), idle_ttl,
---   then for release: pairs of (rate slot id, interval) whose token is refunded
+--   then for release: triples (rate slot id, interval, 1 if the booked slot is refunded too)
 -- Returns: {now, {transitions...}}, a transition being {key, from, to, generation}.
 
 local now = clock(ARGV[1])
 local action, key, idle_ttl = ARGV[2], ARGV[3], tonumber(ARGV[6])
 local s, l, p, w = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local extra = {}
-for i = 7, #ARGV, 2 do extra[#extra + 1] = 'r:' .. ARGV[i] end
+for i = 7, #ARGV, 3 do
+  extra[#extra + 1] = 'r:' .. ARGV[i]
+  extra[#extra + 1] = 'r:' .. ARGV[i] .. '#x'
+end
 local H = load(s, ALL, extra)
 local transitions = {}
 
@@ -20,9 +23,12 @@ if action == 'pause' then
 elseif action == 'release' then
   redis.call('ZREM', l, ARGV[4])
   redis.call('ZREM', p, ARGV[4])
-  for i = 7, #ARGV, 2 do
+  for i = 7, #ARGV, 3 do
+    local interval = tonumber(ARGV[i + 1])
+    local executed = get(H, 'r:' .. ARGV[i] .. '#x', nil)
+    if executed then set(H, 'r:' .. ARGV[i] .. '#x', executed - interval) end
     local tat = get(H, 'r:' .. ARGV[i], nil)
-    if tat then set(H, 'r:' .. ARGV[i], tat - tonumber(ARGV[i + 1])) end
+    if ARGV[i + 2] == '1' and tat then set(H, 'r:' .. ARGV[i], tat - interval) end
   end
 elseif action == 'resume' then
   set(H, 'pu', 0); redis.call('HDEL', s, 'pr'); H._raw['pr'] = nil
