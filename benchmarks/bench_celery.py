@@ -13,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
+
 from _table import report
+
+HERE = Path(__file__).resolve().parent
 
 BROKER = "redis://127.0.0.1:6379/1"
 STATS = "redis://127.0.0.1:6379/2"
@@ -52,7 +54,8 @@ def _wait(stats: redis.Redis, name: str, n: int, timeout: float) -> float:
         if int(stats.get(f"{name}:count") or 0) >= n:
             return float(stats.get(f"{name}:last") or 0)
         time.sleep(0.02)
-    raise TimeoutError(f"{name}: {stats.get(f'{name}:count')} of {n} done after {timeout}s")
+    done = int(stats.get(f"{name}:count") or 0)
+    raise TimeoutError(f"{name}: {done} of {n} done after {timeout}s")
 
 
 def main() -> None:

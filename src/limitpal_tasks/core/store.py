@@ -66,9 +66,9 @@ def merge_admission(request: AdmitRequest, results: Sequence[GroupResult]) -> Ad
                     reservations[reservation_id(group.key, limit.slot_id)] = slot
         # Groups after the deferring one were not evaluated: their carried slots stand.
         for group in request.groups[len(results) :]:
-            for limit, slot in zip(group.rates, group.reservations):
-                if slot is not None:
-                    reservations[reservation_id(group.key, limit.slot_id)] = slot
+            for limit, carried in zip(group.rates, group.reservations):
+                if carried is not None:
+                    reservations[reservation_id(group.key, limit.slot_id)] = carried
         return AdmitResult(
             False, last.now, last.reason, last.delay, last.early, reservations, transitions=transitions
         )
