@@ -103,14 +103,14 @@ def main() -> None:
     drain = last - start
     worst = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
     rows.append([f"drain of {args.n} tasks at 100/s (s)", drain, drain / ideal])
-    rows.append(["largest count in any 1 s window", worst, worst / 101])
+    rows.append(["largest count in any 1 s window", worst, worst / 110])
     report(
         "bench_celery",
         ["measure", "value", "ratio"],
         rows,
         notes=(
             f"{args.n} tasks each; Redis broker, prefork -c 2, RedisStore, one run. Ratios: throughput to plain "
-            f"Celery; drain to the ideal {ideal:.0f} s; window count to rate + burst (101)."
+            f"Celery; drain to the ideal {ideal:.0f} s; window count to rate + burst (110)."
         ),
     )
 

@@ -30,7 +30,7 @@ OPEN = Policy(
     breaker=Breaker(minimum_calls=100, window=100),
     rate=RateLimit("1000000/s", burst=1_000_000),
 )
-LIMITED = Policy("bench-limited", key="one-key", rate=RateLimit("100/s", burst=1))
+LIMITED = Policy("bench-limited", key="one-key", rate=RateLimit("100/s", burst=10))
 
 
 def _done(name: str) -> None:
