@@ -109,8 +109,8 @@ def main() -> None:
         ["measure", "value", "ratio"],
         rows,
         notes=(
-            f"{args.n} tasks each; Redis broker, prefork -c 2, RedisStore, one run. Ratios: throughput to plain "
-            f"Celery; drain to the ideal {ideal:.0f} s; window count to rate + burst (110)."
+            f"{args.n} tasks each; Redis broker, prefork -c 2, RedisStore, one run. Ratios: throughput "
+            f"to plain Celery; drain to the ideal {ideal:.0f} s; window count to rate + burst (110)."
         ),
     )
 
