@@ -303,6 +303,14 @@ def _check_tasks(app: Celery, rt: Runtime) -> None:
         if policy is None:
             continue
         policy.check_keys(task.run)
+        visibility = _visibility_timeout(app)
+        if visibility is not None and policy.defer.max_delay >= visibility:
+            raise ConfigurationError(
+                f"policy {policy.name!r}: defer.max_delay",
+                policy.defer.max_delay,
+                f"expected less than the broker's visibility_timeout ({visibility:g}s), or deferred "
+                "tasks would be redelivered while they wait",
+            )
         if not isinstance(task, ResilientTask):
             # A task whose code is not touched: wrap its class's __call__ before the
             # worker builds its tracers (they look for a custom __call__ then).
@@ -318,3 +326,12 @@ def _check_tasks(app: Celery, rt: Runtime) -> None:
             limits,
             policy.fail_mode,
         )
+
+
+def _visibility_timeout(app: Celery) -> float | None:
+    """The Redis/SQS broker's visibility timeout (an ETA beyond it gets redelivered), if any."""
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis", "rediss", "sentinel", "sqs")):
+        return None
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600))
