@@ -202,6 +202,10 @@ class Pipeline:
         self.hooks = HookRunner(hooks)
         self._layouts: dict[int, _Layout] = {}
         self.store_errors = 0
+        # A store that writes some outcomes later (batching) reports what they changed here.
+        set_sink = getattr(store, "set_transition_sink", None)
+        if callable(set_sink):
+            set_sink(self.hooks.transition)
 
     # -- admission --------------------------------------------------------------
 

@@ -69,6 +69,12 @@ def _transitions(policy: str, items: Sequence[Any], now: float) -> tuple[Transit
     )
 
 
+def _allowed(reply: Any) -> bool:
+    if reply not in (0, 1):
+        raise ValueError(f"expected 0 or 1, got {reply!r}")
+    return bool(reply == 1)
+
+
 def _load(name: str) -> str:
     folder = resources.files("limitpal_tasks.stores") / "lua"
     return (folder / "_lib.lua").read_text("utf-8") + "\n" + (folder / f"{name}.lua").read_text("utf-8")
@@ -130,10 +136,11 @@ class RedisStore:
     ``rediss://`` TLS and ACL users (``redis://user:password@host``). ``admit`` and
     ``record`` cost one round trip each (on a cluster, one per distinct key of the policy).
 
-    Successes that cannot change a breaker's state (not a half-open probe, no slow-call
-    detection, no bulkhead lease to free) are batched: they ride along with this process's
-    next round trip, or are written after ``batch_delay`` seconds at the latest
-    (``batch_delay=0`` turns batching off; :meth:`flush` and :meth:`close` write them now).
+    Successes that free no bulkhead slot and are neither half-open probes nor slow-call
+    candidates are batched: they ride along with this process's next round trip, or are
+    written after ``batch_delay`` seconds at the latest (``batch_delay=0`` turns batching
+    off; :meth:`flush` and :meth:`close` write them now). A transition such a success
+    causes (it can complete ``minimum_calls`` at a failing rate) is reported when written.
     """
 
     def __init__(
@@ -174,6 +181,7 @@ class RedisStore:
         self._batch_delay = float(batch_delay)
         self._batch_size = int(batch_size)
         self._pending: list[_Record] = []
+        self._sink: Callable[[Sequence[Transition]], None] | None = None
         self._pending_lock = threading.Lock()
         self._timer: threading.Timer | None = None
         ref = weakref.ref(self)
@@ -199,6 +207,8 @@ class RedisStore:
         idle_ttl: float = 3600.0,
         batch_delay: float = 0.05,
         batch_size: int = 64,
+        dead_letter_limit: int = 10_000,
+        dead_letter_ttl: float = 30 * 86400,
         **client_options: Any,
     ) -> RedisStore:
         """Connect to ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` (``?cluster=true``).
@@ -213,11 +223,21 @@ class RedisStore:
             scheme = scheme.split("+")[0]
             cluster = True if cluster is None else cluster
         if "cluster" in query:
-            cluster = query.pop("cluster")[0].lower() in ("1", "true", "yes")
+            flag = query.pop("cluster")[0].lower()
+            if flag not in ("1", "true", "yes", "0", "false", "no"):
+                raise ConfigurationError("store_url", url, "expected ?cluster=true or ?cluster=false")
+            cluster = flag in ("1", "true", "yes")
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigurationError(
                 "store_url", url, "expected a redis://, rediss://, unix:// or redis+cluster:// URL"
             )
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+        except ValueError:
+            raise ConfigurationError("store_url", url, "expected a port number between 0 and 65535") from None
+        database = parts.path.strip("/")
+        if scheme != "unix" and database and not database.isdigit():
+            raise ConfigurationError("store_url", url, "expected a database number after the host, e.g. /0")
         if not store_timeout > 0:
             raise ConfigurationError("store_timeout", store_timeout, "expected seconds > 0")
         clean = urlunsplit((scheme, parts.netloc, parts.path, urlencode(query, doseq=True), parts.fragment))
@@ -247,6 +267,8 @@ class RedisStore:
             async_factory=async_factory,
             batch_delay=batch_delay,
             batch_size=batch_size,
+            dead_letter_limit=dead_letter_limit,
+            dead_letter_ttl=dead_letter_ttl,
         )
 
     @property
@@ -508,7 +530,7 @@ class RedisStore:
         return records
 
     def _batchable(self, ticket: Ticket, outcome: Outcome) -> bool:
-        """A success that cannot change a breaker's state nor free a bulkhead slot may wait."""
+        """A success that frees no bulkhead slot, is no probe and is not slow may wait."""
         if self._batch_delay <= 0 or self._cluster or outcome.kind != "success" or ticket.probe:
             return False
         return all(
@@ -614,16 +636,27 @@ class RedisStore:
                 exc,
             )
 
+    def set_transition_sink(self, sink: Callable[[Sequence[Transition]], None]) -> None:
+        """Where transitions caused by a flushed batch go (the pipeline's hooks)."""
+        self._sink = sink
+
     def flush(self) -> None:
-        """Write batched successes now (called on a timer, at ``close`` and at shutdown)."""
+        """Write batched successes now (called on a timer, at ``close`` and at shutdown).
+
+        A batched success can still open a breaker (it may complete ``minimum_calls`` at a
+        failing rate): such a transition goes to the transition sink, once.
+        """
         pending = self._take_pending()
         if not pending:
             return
         try:
-            self._call("record", *self._record_payload(pending))
+            reply = self._call("record", *self._record_payload(pending))
         except StoreError:
             self._restore_pending(pending)
             raise
+        transitions = self._parse("record", lambda: _transitions("", reply[2], float(reply[0])))
+        if transitions and self._sink is not None:
+            self._sink(transitions)
 
     def _forget_pending(self) -> None:
         # In a forked child the parent's batch is not ours to write.
@@ -637,10 +670,12 @@ class RedisStore:
         return [self._now(now), _f(budget.ratio), _f(budget.min_per_second), _f(budget.window), self._idle]
 
     def spend_retry(self, key: str, budget: RetryBudget, now: float | None) -> bool:
-        return bool(self._call("retry", self._keys(key), self._retry_args(budget, now)) == 1)
+        reply = self._call("retry", self._keys(key), self._retry_args(budget, now))
+        return self._parse("spend_retry", lambda: _allowed(reply))
 
     async def spend_retry_async(self, key: str, budget: RetryBudget, now: float | None) -> bool:
-        return bool(await self._call_async("retry", self._keys(key), self._retry_args(budget, now)) == 1)
+        reply = await self._call_async("retry", self._keys(key), self._retry_args(budget, now))
+        return self._parse("spend_retry", lambda: _allowed(reply))
 
     # -- operators ------------------------------------------------------------------
 
