@@ -259,7 +259,7 @@ def test_stale_reservation_contends_again(pipeline: Pipeline, clock: MockClock) 
 
 
 def test_reservation_is_honoured_within_grace(pipeline: Pipeline, clock: MockClock) -> None:
-    """A task back after its slot, within ``grace``, keeps its reservation yet runs no faster than the rate."""
+    """A task back after its slot, within ``grace``, keeps its slot yet runs no faster than the rate."""
     policy = Policy("api", key=TENANT_KEY, rate=RateLimit("1/s", grace=2), defer=NO_JITTER)
     admitted(pipeline.admit(policy, context()))
     waiting = deferred(pipeline.admit(policy, context()))
