@@ -30,7 +30,10 @@ class ConfigurationError(LimitpalError, ValueError):
         self.field = field
         self.value = value
         self.expected = expected
-        super().__init__(f"{field}: {expected}, got {value!r}")
+        super().__init__(field, value, expected)  # the constructor's args: picklable, rebuildable
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.expected}, got {self.value!r}"
 
 
 class StoreError(LimitpalError):
@@ -48,12 +51,14 @@ class DeferralLimitExceeded(LimitpalError):
         self.limit = limit
         self.deferrals = deferrals
         self.waited = waited
-        super().__init__(
-            f"gave up after {deferrals} deferrals over {waited:.1f}s (limit: {limit}; last reason: {reason})"
-        )
+        # args are the constructor's: Celery rebuilds JSON-serialized errors as cls(*args).
+        super().__init__(reason, limit, deferrals, waited)
 
-    def __reduce__(self) -> tuple[type[DeferralLimitExceeded], tuple[str, str, int, float]]:
-        return (type(self), (self.reason, self.limit, self.deferrals, self.waited))
+    def __str__(self) -> str:
+        return (
+            f"gave up after {self.deferrals} deferrals over {self.waited:.1f}s "
+            f"(limit: {self.limit}; last reason: {self.reason})"
+        )
 
 
 class RetryBudgetExhausted(LimitpalError):
@@ -61,10 +66,10 @@ class RetryBudgetExhausted(LimitpalError):
 
     def __init__(self, key: str) -> None:
         self.key = key
-        super().__init__(f"retry budget exhausted for key {key!r}")
+        super().__init__(key)
 
-    def __reduce__(self) -> tuple[type[RetryBudgetExhausted], tuple[str]]:
-        return (type(self), (self.key,))
+    def __str__(self) -> str:
+        return f"retry budget exhausted for key {self.key!r}"
 
 
 class Cooldown(LimitpalError):
@@ -82,7 +87,8 @@ class Cooldown(LimitpalError):
         if not isinstance(seconds, (int, float)) or seconds < 0 or math.isnan(seconds):
             raise ConfigurationError("Cooldown.retry_after", retry_after, "expected seconds >= 0")
         self.retry_after = float(seconds)
-        super().__init__(message or f"upstream asked to come back in {self.retry_after:g}s")
+        self.message = message or f"upstream asked to come back in {self.retry_after:g}s"
+        super().__init__(self.retry_after, message)
 
-    def __reduce__(self) -> tuple[type[Cooldown], tuple[float, str]]:
-        return (type(self), (self.retry_after, str(self)))
+    def __str__(self) -> str:
+        return self.message

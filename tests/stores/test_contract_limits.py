@@ -259,19 +259,21 @@ def test_stale_reservation_contends_again(pipeline: Pipeline, clock: MockClock) 
 
 
 def test_reservation_is_honoured_within_grace(pipeline: Pipeline, clock: MockClock) -> None:
-    """A task back after its slot, within ``grace``, keeps its slot yet runs no faster than the rate."""
-    policy = Policy("api", key=TENANT_KEY, rate=RateLimit("1/s", grace=2), defer=NO_JITTER)
+    """Tasks back late for their slots, within ``grace``, keep them, yet a late crowd runs at the rate."""
+    policy = Policy("api", key=TENANT_KEY, rate=RateLimit("1/s", grace=5), defer=NO_JITTER)
     admitted(pipeline.admit(policy, context()))
-    waiting = deferred(pipeline.admit(policy, context()))
+    first = deferred(pipeline.admit(policy, context()))  # slot +1
+    second = deferred(pipeline.admit(policy, context()))  # slot +2
 
-    clock.advance(waiting.delay + 1.5)
-    admitted(pipeline.admit(policy, context()))  # a newcomer takes the free token
-
-    # The late task may not run in the same instant (that would be 2 in 1 s at 1/s):
-    # it waits one interval, without counting a deferral and without losing its slot.
-    hop = deferred(pipeline.admit(policy, context(after=waiting)))
-    assert (hop.reason, hop.delay, hop.deferrals) == ("rate_limited", 1.0, waiting.deferrals)
-    assert hop.reservations == waiting.reservations
+    clock.advance(3.5)
+    admitted(pipeline.admit(policy, context()))  # a newcomer takes the free slot
+    # The first late task runs too (one interval of slack absorbs delivery jitter) ...
+    admitted(pipeline.admit(policy, context(after=first)))
+    # ... but a third in the same instant would exceed the rate: the second waits one
+    # interval, without counting a deferral and without losing its slot.
+    hop = deferred(pipeline.admit(policy, context(after=second)))
+    assert (hop.reason, hop.delay, hop.deferrals) == ("rate_limited", about(1.0), second.deferrals)
+    assert hop.reservations == second.reservations
     clock.advance(hop.delay)
     assert pipeline.admit(policy, context(after=hop)).admitted
 
@@ -387,15 +389,11 @@ def test_reservations_on_two_keys_both_survive_a_deferral(pipeline: Pipeline, cl
     clock.advance(second.delay)
     admitted(pipeline.admit(policy, context("b")))  # a newcomer takes the global token of +2 s
 
-    # Then it still holds its global slot (within grace) next to the tenant's: it only waits
-    # for the global execution schedule (1/s: the newcomer ran this instant), uncounted,
-    # and runs without contending again.
+    # Then it still holds its global slot (within grace) next to the tenant's, and runs
+    # without contending again (one interval of execution slack covers the newcomer).
     assert set(second.reservations) == {global_slot, tenant_slot}
-    hop = deferred(pipeline.admit(policy, context(after=second)))
-    assert (hop.delay, hop.deferrals) == (about(1.0), second.deferrals)
-    assert hop.reservations == second.reservations, f"lost a reservation: {second.reservations} -> {hop!r}"
-    clock.advance(hop.delay)
-    admitted(pipeline.admit(policy, context(after=hop)))
+    back = pipeline.admit(policy, context(after=second))
+    assert back.admitted, f"lost a reservation: {second.reservations} -> {back!r}"
 
 
 # -- pause ----------------------------------------------------------------------------

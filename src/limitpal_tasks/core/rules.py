@@ -315,10 +315,16 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
         if slot is not None and not hit and now < slot:
             early = max(early, slot - now)
     if early <= 0:
-        # Even a covered slot waits for the execution schedule (late crowds run at the rate).
+        # Even a covered slot waits for the execution schedule (late crowds run at the rate),
+        # with one interval of slack: a delivery a little late must not push every later
+        # one back by a hop (the lag would grow by a broker round trip each time).
         for limit, hit in zip(rates, covered):
             if hit:
-                ready = max(tats.get(limit.exec_id, 0.0), now) + limit.interval * (1 - limit.burst)
+                ready = (
+                    max(tats.get(limit.exec_id, 0.0), now)
+                    + limit.interval * (1 - limit.burst)
+                    - limit.interval
+                )
                 early = max(early, ready - now)
     if early > 0:
         kept = tuple(

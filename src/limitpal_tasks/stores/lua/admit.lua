@@ -72,7 +72,7 @@ local function check_rates(G, H)
   if early <= 0 then
     for i, r in ipairs(rates) do
       if covered[i] then
-        local ready = math.max(get(H, G.exec[i], 0.0), now) + r.interval * (1 - r.burst)
+        local ready = math.max(get(H, G.exec[i], 0.0), now) + r.interval * (1 - r.burst) - r.interval
         early = math.max(early, ready - now)
       end
     end

@@ -1,0 +1,7 @@
+"""``limitpal_tasks.dramatiq``: the Dramatiq integration (see :mod:`limitpal_tasks.integrations.dramatiq`)."""
+
+from __future__ import annotations
+
+from .integrations.dramatiq import Cooldown, LimitpalMiddleware, install
+
+__all__ = ["Cooldown", "LimitpalMiddleware", "install"]
