@@ -1,0 +1,1 @@
+"""Integration tests: real Celery workers against real Redis and RabbitMQ servers."""
