@@ -193,7 +193,7 @@ class Runtime:
         self._store = store
         self._hooks = tuple(hooks)
         self._pipeline: Pipeline | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # pipeline() builds the store under it too
         self._binders: dict[Callable[..., Any], ArgBinder] = {}
         self.policies: dict[str, Policy] = dict(settings.policies)
 
