@@ -305,6 +305,15 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
     """
     rates = group.rates
     tats = state.tats
+    if not group.reservations and len(rates) == 1:  # the common case, same arithmetic as below
+        limit = rates[0]
+        slack = limit.interval * (1 - limit.burst)
+        booked = max(tats.get(limit.slot_id, 0.0), now)
+        executed = max(tats.get(limit.exec_id, 0.0), now)
+        if booked + slack <= now and executed + slack <= now:
+            tats[limit.slot_id] = booked + limit.interval
+            tats[limit.exec_id] = executed + limit.interval
+            return (0.0,)
     carried: tuple[float | None, ...] = group.reservations or (None,) * len(rates)
     covered = [
         slot is not None and slot - EARLY_TOLERANCE <= now <= slot + limit.grace
