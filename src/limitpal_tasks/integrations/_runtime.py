@@ -18,7 +18,7 @@ from typing import Any
 from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred
 from ..core.events import Hooks
-from ..core.keys import ArgBinder, TaskContext
+from ..core.keys import ArgBinder, KeySpec, TaskContext
 from ..core.pipeline import Pipeline
 from ..core.policy import FailMode, Policy
 from ..core.store import Store
@@ -195,6 +195,7 @@ class Runtime:
         self._pipeline: Pipeline | None = None
         self._lock = threading.RLock()  # pipeline() builds the store under it too
         self._binders: dict[Callable[..., Any], ArgBinder] = {}
+        self._keyed: dict[tuple[int, KeySpec], tuple[Policy, Policy]] = {}
         self.policies: dict[str, Policy] = dict(settings.policies)
 
     @property
@@ -224,8 +225,21 @@ class Runtime:
         """Whether the state is shared across processes (not a per-process MemoryStore)."""
         return not isinstance(self.store, MemoryStore)
 
-    def resolve(self, policy: Policy | str, where: str) -> Policy:
-        """A policy object from a policy or a registered name."""
+    def resolve(self, policy: Policy | str, where: str, key: KeySpec | None = None) -> Policy:
+        """A policy object from a policy or a registered name, with ``key`` as its key if given.
+
+        The re-keyed copy is made once per (policy, key), not per message.
+        """
+        found = self._resolve(policy, where)
+        if key is None:
+            return found
+        cache_key = (id(found), key)
+        keyed = self._keyed.get(cache_key)
+        if keyed is None or keyed[0] is not found:
+            keyed = self._keyed[cache_key] = (found, found.evolve(key=key))
+        return keyed[1]
+
+    def _resolve(self, policy: Policy | str, where: str) -> Policy:
         if isinstance(policy, Policy):
             return policy
         found = self.policies.get(policy)

@@ -65,15 +65,8 @@ def _policy_of(task: Task, rt: Runtime) -> Policy | None:
     declared = name if name is not None else getattr(task, "policy", None)
     if declared is None:
         return None
-    policy = rt.resolve(declared, f"policy of task {task.name}")
-    key: KeySpec | None = getattr(task, "limitpal_key", None)
-    if key is not None and name is None:
-        cache = task.__dict__.setdefault("_limitpal_keyed", {})
-        keyed = cache.get(id(policy))
-        if keyed is None or keyed[0] is not policy:
-            keyed = cache[id(policy)] = (policy, policy.evolve(key=key))
-        policy = keyed[1]
-    return policy
+    key: KeySpec | None = getattr(task, "limitpal_key", None) if name is None else None
+    return rt.resolve(declared, f"policy of task {task.name}", key)
 
 
 def _enforced_call(task: Task, *args: Any, **kwargs: Any) -> Any:

@@ -119,15 +119,8 @@ class LimitpalMiddleware(Middleware):
         declared = actor.options.get("limitpal_policy")
         if declared is None:
             return None
-        policy = self.runtime.resolve(declared, f"actor {actor.actor_name}: limitpal_policy")
         key: KeySpec | None = actor.options.get("limitpal_key")
-        if key is not None:
-            cache = actor.options.setdefault("_limitpal_keyed", {})
-            keyed = cache.get(id(policy))
-            if keyed is None or keyed[0] is not policy:
-                keyed = cache[id(policy)] = (policy, policy.evolve(key=key))
-            policy = keyed[1]
-        return policy
+        return self.runtime.resolve(declared, f"actor {actor.actor_name}: limitpal_policy", key)
 
     def before_declare_actor(self, broker: Any, actor: Any) -> None:
         """Fail at declaration when the policy is unknown or a key names a parameter the actor lacks."""
