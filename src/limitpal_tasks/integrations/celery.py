@@ -35,7 +35,7 @@ from ..core.decisions import Admitted, Deferred, Outcome
 from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
 from ..core.policy import Policy
-from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, LimitpalError
+from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, LimitpalError, StoreError
 from ._runtime import HEADER, Runtime, Settings, dead_letter, state_header
 
 __all__ = ["Cooldown", "ResilientTask", "install", "resilient_task", "runtime"]
@@ -254,6 +254,16 @@ def install(app: Celery) -> Celery:
             # Celery logs and swallows exceptions from signal handlers; SystemExit stops the worker.
             log.critical("limitpal_tasks: invalid configuration, the worker stops: %s", exc)
             raise SystemExit(f"limitpal_tasks: invalid configuration: {exc}") from exc
+        try:
+            rt.store.status("limitpal:startup-check")  # one round trip: is the store there?
+        except StoreError as exc:
+            log.warning(
+                "limitpal store %s is unreachable at worker start (%s); policies apply their fail_mode "
+                "(default %s) until it is back",
+                rt.settings.store_url,
+                exc,
+                rt.settings.fail_mode,
+            )
         concurrency = getattr(sender, "concurrency", 1) or 1
         pool = str(getattr(sender, "pool_cls", "") or "")
         if not rt.shared and concurrency > 1 and "prefork" in pool.lower():
