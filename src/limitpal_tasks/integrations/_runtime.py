@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred
@@ -26,7 +27,7 @@ from ..errors import ConfigurationError, StoreError
 from ..stores.factory import store_from_url
 from ..stores.memory import MemoryStore
 
-__all__ = ["HEADER", "Runtime", "Settings", "dead_letter", "message_state", "state_header"]
+__all__ = ["HEADER", "Runtime", "Settings", "dead_letter", "message_state", "redacted", "state_header"]
 
 log = logging.getLogger("limitpal_tasks.worker")
 
@@ -105,6 +106,15 @@ class Settings:
                     f"expected a policy of {prefix}policies ({', '.join(sorted(policies)) or 'none'})",
                 )
         return cls(store_url, policies, dict(task_policies), fail_mode, key_prefix, float(timeout))
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def state_header(decision: Deferred) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
 from ..core.policy import Policy
 from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, LimitpalError, StoreError
-from ._runtime import HEADER, Runtime, Settings, dead_letter, state_header
+from ._runtime import HEADER, Runtime, Settings, dead_letter, redacted, state_header
 
 __all__ = ["Cooldown", "ResilientTask", "install", "resilient_task", "runtime"]
 
@@ -260,7 +260,7 @@ def install(app: Celery) -> Celery:
             log.warning(
                 "limitpal store %s is unreachable at worker start (%s); policies apply their fail_mode "
                 "(default %s) until it is back",
-                rt.settings.store_url,
+                redacted(rt.settings.store_url),
                 exc,
                 rt.settings.fail_mode,
             )
