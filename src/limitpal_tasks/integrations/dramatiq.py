@@ -116,10 +116,13 @@ class LimitpalMiddleware(Middleware):
         return {"limitpal_policy", "limitpal_key"}
 
     def _policy(self, actor: Any) -> Policy | None:
-        declared = actor.options.get("limitpal_policy")
+        declared = self.runtime.settings.task_policies.get(actor.actor_name)  # settings first
+        key: KeySpec | None = None
+        if declared is None:
+            declared = actor.options.get("limitpal_policy")
+            key = actor.options.get("limitpal_key")
         if declared is None:
             return None
-        key: KeySpec | None = actor.options.get("limitpal_key")
         return self.runtime.resolve(declared, f"actor {actor.actor_name}: limitpal_policy", key)
 
     def before_declare_actor(self, broker: Any, actor: Any) -> None:
@@ -232,6 +235,9 @@ class LimitpalMiddleware(Middleware):
             message.fail()  # to Dramatiq's own dead-letter queue as well
             raise SkipMessage(decision.exhausted)
         self._requeue(broker, message, policy, context, decision)
+        # The Results middleware would store None for a skipped delivery under this message
+        # id; the requeued copy carries the real result later.
+        message.options["store_results"] = False
         raise SkipMessage(decision.reason)
 
     def _requeue(
