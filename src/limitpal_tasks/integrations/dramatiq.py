@@ -21,6 +21,7 @@ from the policy, so the two agree.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -150,7 +151,11 @@ class LimitpalMiddleware(Middleware):
         context = self.runtime.context(
             actor.actor_name, tuple(message.args), message.kwargs, message.options.get(HEADER), actor.fn
         )
-        decision = self.runtime.pipeline.admit(policy, context)
+        loop = _event_loop(actor)
+        if loop is None:
+            decision = self.runtime.pipeline.admit(policy, context)
+        else:  # an AsyncIO actor: the async store, on Dramatiq's event loop thread
+            decision = loop.run_coroutine(self.runtime.pipeline.admit_async(policy, context))
         if not decision.admitted:
             self._defer(broker, message, policy, context, decision)
         setattr(message, _TICKET, decision.ticket)
@@ -170,12 +175,12 @@ class LimitpalMiddleware(Middleware):
         elapsed = time.monotonic() - getattr(message, _STARTED)
         pipeline = self.runtime.pipeline
         if exception is None:
-            pipeline.record(ticket, Outcome.success(elapsed))
+            self._record(broker, message, ticket, Outcome.success(elapsed))
             return
         if isinstance(exception, Cooldown):
             # The upstream said "later": the key is paused fleet-wide, and this message is
             # deferred, through Retries (next in line) but without spending a retry.
-            pipeline.record(ticket, Outcome.cooldown(exception.retry_after, elapsed))
+            self._record(broker, message, ticket, Outcome.cooldown(exception.retry_after, elapsed))
             now = ticket.admitted_at + elapsed
             deferred = pipeline.deferral(policy, context, "paused", exception.retry_after, now)
             retries = int(message.options.get("retries", 0))
@@ -188,16 +193,23 @@ class LimitpalMiddleware(Middleware):
             message.options["max_retries"] = retries + 1
             self._backoff(message, deferred.delay)
             return
-        pipeline.record(ticket, pipeline.outcome_of(policy, exception, elapsed))
+        self._record(broker, message, ticket, pipeline.outcome_of(policy, exception, elapsed))
         self._retries(message, policy, context, exception)
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
         ticket: Ticket | None = getattr(message, _TICKET, None)
         if ticket is not None:  # another middleware skipped a message we had admitted
             setattr(message, _TICKET, None)
-            self.runtime.pipeline.record(ticket, Outcome.ignored())
+            self._record(broker, message, ticket, Outcome.ignored())
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _record(self, broker: Any, message: Any, ticket: Ticket, outcome: Outcome) -> None:
+        loop = _event_loop(broker.get_actor(message.actor_name))
+        if loop is None:
+            self.runtime.pipeline.record(ticket, outcome)
+        else:
+            loop.run_coroutine(self.runtime.pipeline.record_async(ticket, outcome))
 
     @staticmethod
     def _backoff(message: Any, delay: float) -> None:
@@ -275,6 +287,17 @@ class LimitpalMiddleware(Middleware):
             error=error,
             letter_id=message.message_id,
         )
+
+
+def _event_loop(actor: Any) -> Any:
+    """Dramatiq's event loop thread when ``actor`` is a coroutine actor under ``AsyncIO``."""
+    if not inspect.iscoroutinefunction(inspect.unwrap(actor.fn)):  # Dramatiq wraps async actors
+        return None
+    try:
+        from dramatiq.asyncio import get_event_loop_thread  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - every supported Dramatiq has it
+        return None
+    return get_event_loop_thread()
 
 
 def install(broker: dramatiq.Broker, middleware: LimitpalMiddleware) -> LimitpalMiddleware:
