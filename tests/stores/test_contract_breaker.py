@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from limitpal_tasks import (
     Admitted,
     Breaker,
-    Decision,
     DeferPolicy,
-    Deferred,
     MockClock,
     Outcome,
     Pipeline,
@@ -27,6 +23,8 @@ from limitpal_tasks import (
     Transition,
 )
 from limitpal_tasks.core.decisions import KeyStatus, RecordResult
+
+from .support import about, admitted, deferred
 
 KEY = "service:x"
 NO_JITTER = DeferPolicy(jitter=0.0, open_spread=0.0)
@@ -39,21 +37,6 @@ def breaker_policy(defer: DeferPolicy = NO_JITTER, lease: float = 300.0, **break
 
 def context(tenant: str = "a") -> TaskContext:
     return TaskContext("task", kwargs={"tenant_id": tenant})
-
-
-def about(expected: object) -> Any:
-    """Equal to ``expected`` within 10 µs: times near 1.7e9 s carry about 0.2 µs of rounding."""
-    return pytest.approx(expected, abs=1e-5)
-
-
-def admitted(decision: Decision) -> Ticket:
-    assert isinstance(decision, Admitted), f"expected Admitted, got {decision!r}"
-    return decision.ticket
-
-
-def deferred(decision: Decision) -> Deferred:
-    assert isinstance(decision, Deferred), f"expected Deferred, got {decision!r}"
-    return decision
 
 
 def breaker_view(status: KeyStatus) -> tuple[object, ...]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Any
 
 import pytest
 
@@ -17,7 +16,6 @@ from limitpal_tasks import (
     Admitted,
     Breaker,
     Bulkhead,
-    Decision,
     DeferPolicy,
     Deferred,
     MockClock,
@@ -27,9 +25,10 @@ from limitpal_tasks import (
     RateLimit,
     Store,
     TaskContext,
-    Ticket,
 )
 from limitpal_tasks.core.store import reservation_id
+
+from .support import about, admitted, deferred
 
 NO_JITTER = DeferPolicy(jitter=0.0, open_spread=0.0)
 TENANT_KEY = "tenant:{tenant_id}"
@@ -46,21 +45,6 @@ def context(tenant: str = "a", after: Deferred | None = None) -> TaskContext:
         first_seen=after.first_seen,
         reservations=after.reservations,
     )
-
-
-def about(expected: object) -> Any:
-    """Equal to ``expected`` within 10 µs: times near 1.7e9 s carry about 0.2 µs of rounding."""
-    return pytest.approx(expected, abs=1e-5)
-
-
-def admitted(decision: Decision) -> Ticket:
-    assert isinstance(decision, Admitted), f"expected Admitted, got {decision!r}"
-    return decision.ticket
-
-
-def deferred(decision: Decision) -> Deferred:
-    assert isinstance(decision, Deferred), f"expected Deferred, got {decision!r}"
-    return decision
 
 
 def effective_tats(store: Store, key: str, now: float) -> dict[str, float]:

@@ -17,12 +17,9 @@ import redis
 import redis.cluster
 
 from limitpal_tasks import (
-    Admitted,
     Breaker,
     Bulkhead,
     DeadLetter,
-    Decision,
-    Deferred,
     MemoryStore,
     MockClock,
     Outcome,
@@ -31,11 +28,11 @@ from limitpal_tasks import (
     RateLimit,
     Store,
     TaskContext,
-    Ticket,
 )
 from limitpal_tasks.stores.redis import RedisStore
 
 from .redis_support import ClusterInfo, decision_summary, local_cluster, status_summary
+from .support import admitted, deferred
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -60,16 +57,6 @@ SINGLE = Policy(
 
 def context(tenant: str = "acme") -> TaskContext:
     return TaskContext("task", kwargs={"tenant_id": tenant})
-
-
-def admitted(decision: Decision) -> Ticket:
-    assert isinstance(decision, Admitted), f"expected Admitted, got {decision!r}"
-    return decision.ticket
-
-
-def deferred(decision: Decision) -> Deferred:
-    assert isinstance(decision, Deferred), f"expected Deferred, got {decision!r}"
-    return decision
 
 
 @pytest.fixture(scope="session")

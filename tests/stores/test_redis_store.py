@@ -26,13 +26,10 @@ import redis.cluster
 from redis.commands.core import Script
 
 from limitpal_tasks import (
-    Admitted,
     Breaker,
     Bulkhead,
     ConfigurationError,
     DeadLetter,
-    Decision,
-    Deferred,
     Hooks,
     MemoryStore,
     MockClock,
@@ -61,6 +58,7 @@ from .redis_support import (
     prefixed_keys,
     wait_until,
 )
+from .support import admitted, deferred
 
 pytestmark = pytest.mark.redis
 
@@ -87,16 +85,6 @@ SPLIT = Policy(
 
 def context(tenant: str = "acme") -> TaskContext:
     return TaskContext("task", kwargs={"tenant_id": tenant})
-
-
-def admitted(decision: Decision) -> Ticket:
-    assert isinstance(decision, Admitted), f"expected Admitted, got {decision!r}"
-    return decision.ticket
-
-
-def deferred(decision: Decision) -> Deferred:
-    assert isinstance(decision, Deferred), f"expected Deferred, got {decision!r}"
-    return decision
 
 
 def a_ticket(policy: Policy = SINGLE) -> Ticket:
