@@ -178,6 +178,39 @@ def dead_show(letter_id: str, store_url: str, prefix: str) -> None:
     raise click.ClickException(f"no dead letter {letter_id!r}")
 
 
+@dead.command("replay")
+@click.argument("letter_id")
+@click.option(
+    "--celery-app",
+    "celery_app",
+    required=True,
+    help="The Celery app, as module:attribute (e.g. proj.celery:app).",
+)
+@_STORE
+@_PREFIX
+def dead_replay(letter_id: str, celery_app: str, store_url: str, prefix: str) -> None:
+    """Re-publish a dead-lettered Celery task, once, with its counters reset."""
+    from .integrations.celery import replay  # noqa: PLC0415 - needs celery, an optional extra
+
+    app = _load_object(celery_app)
+    with _open(store_url, prefix) as store:
+        letter = store.take_dead(letter_id)  # atomic: a second replay finds nothing
+        if letter is None:
+            raise click.ClickException(f"no dead letter {letter_id!r} (already replayed?)")
+        task_id = replay(app, letter)
+        click.echo(f"replayed {letter.task_name} {letter.id} as task {task_id}")
+
+
+def _load_object(path: str) -> object:
+    import importlib  # noqa: PLC0415
+
+    module, _, attribute = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute or "app")
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"{path!r}: {exc}", param_hint="--celery-app") from exc
+
+
 @main.command()
 @click.option("--broker", default=None, help="Celery broker URL (default: embedded, in memory).")
 @click.option("--store", default=None, help="State store URL (default: memory://).")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import pytest
+from celery import Celery
 from click.testing import CliRunner
 
 from limitpal_tasks import DeadLetter
@@ -84,3 +89,50 @@ def test_a_bad_duration_names_the_option() -> None:
     assert result.exit_code != 0
     assert "--for" in result.output
     assert "soon" in result.output
+
+
+def test_dead_replay_publishes_a_celery_task_once(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dead replay`` re-publishes the task through the app's broker (real Redis), and only once."""
+    app = Celery("cli-replay", broker=URL)
+    app.conf.task_default_queue = "cli-replay"
+    module = types.ModuleType("limitpal_cli_replay_app")
+    module.app = app  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    store.put_dead(
+        DeadLetter(
+            id="r1",
+            task_name="proj.charge",
+            reason="max_attempts",
+            policy="payments",
+            key="tenant:acme",
+            args=("acme", 5),
+            kwargs={"note": "x"},
+            dead_at=time.time(),
+        )
+    )
+
+    output = run("dead", "replay", "r1", "--celery-app", "limitpal_cli_replay_app:app")
+    again = CliRunner().invoke(
+        main,
+        [
+            "dead",
+            "replay",
+            "r1",
+            "--celery-app",
+            "limitpal_cli_replay_app:app",
+            "--store",
+            URL,
+            "--prefix",
+            PREFIX,
+        ],
+    )
+
+    assert "replayed proj.charge r1" in output
+    assert again.exit_code != 0
+    assert "already replayed" in again.output
+    queued = store.client.lrange("cli-replay", 0, -1)
+    assert len(queued) == 1, "published exactly once"
+    message = json.loads(queued[0])
+    assert message["headers"]["task"] == "proj.charge"
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == (["acme", 5], {"note": "x"})

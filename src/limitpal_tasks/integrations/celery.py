@@ -31,6 +31,7 @@ from typing import Any, NoReturn, TypeVar, overload
 from celery import Celery, Task, shared_task, signals
 from celery.exceptions import Ignore, Reject, Retry
 
+from ..core.deadletter import DeadLetter
 from ..core.decisions import Admitted, Deferred, Outcome
 from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
@@ -38,7 +39,7 @@ from ..core.policy import Policy
 from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, LimitpalError, StoreError
 from ._runtime import HEADER, Runtime, Settings, dead_letter, redacted, state_header
 
-__all__ = ["Cooldown", "ResilientTask", "install", "resilient_task", "runtime"]
+__all__ = ["Cooldown", "ResilientTask", "install", "replay", "resilient_task", "runtime"]
 
 log = logging.getLogger("limitpal_tasks.celery")
 
@@ -338,3 +339,13 @@ def _visibility_timeout(app: Celery) -> float | None:
         return None
     options = app.conf.broker_transport_options or {}
     return float(options.get("visibility_timeout", 3600))
+
+
+def replay(app: Celery, letter: DeadLetter) -> str:
+    """Publish a dead-lettered task again, with fresh deferral and retry counters; its new task id."""
+    headers = {k: v for k, v in letter.headers.items() if k != HEADER}
+    result = app.send_task(
+        letter.task_name, args=list(letter.args), kwargs=dict(letter.kwargs), headers=headers
+    )
+    log.info("replayed dead letter %s of %s as %s", letter.id, letter.task_name, result.id)
+    return str(result.id)
