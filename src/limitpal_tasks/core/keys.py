@@ -181,12 +181,7 @@ class KeyTemplate:
         if len(self._parts) == 1 and not self._parts[0][3] and not self._parts[0][4]:
             literal, field_expr, root, _, _ = self._parts[0]
             if field_expr == root:  # "prefix:{name}", the common shape
-                try:
-                    value = context.argument(root)
-                except KeyError:
-                    raise ConfigurationError(
-                        "key", self.source, f"expected argument {root!r} in the call of {context.task_name}"
-                    ) from None
+                value = self._argument(context, root)
                 return literal + escape_key_part(value if type(value) is str else str(value))
             if field_expr is None:
                 return literal
@@ -195,12 +190,7 @@ class KeyTemplate:
             out.append(literal)
             if field_expr is None:
                 continue
-            try:
-                value = context.argument(root)
-            except KeyError:
-                raise ConfigurationError(
-                    "key", self.source, f"expected argument {root!r} in the call of {context.task_name}"
-                ) from None
+            value = self._argument(context, root)
             if field_expr != root:
                 try:
                     value, _ = _FORMATTER.get_field(field_expr, (), {root: value})
@@ -215,6 +205,14 @@ class KeyTemplate:
             text = format(value, spec) if spec else str(value)
             out.append(escape_key_part(text))
         return "".join(out)
+
+    def _argument(self, context: TaskContext, name: str) -> Any:
+        try:
+            return context.argument(name)
+        except KeyError:
+            raise ConfigurationError(
+                "key", self.source, f"expected argument {name!r} in the call of {context.task_name}"
+            ) from None
 
     def __repr__(self) -> str:
         return f"KeyTemplate({self.source!r})"

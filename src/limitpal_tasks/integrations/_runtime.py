@@ -23,7 +23,7 @@ from ..core.keys import ArgBinder, KeySpec, TaskContext
 from ..core.pipeline import Pipeline
 from ..core.policy import FailMode, Policy
 from ..core.store import Store
-from ..errors import ConfigurationError, StoreError
+from ..errors import ConfigurationError, LimitpalError, StoreError
 from ..stores.factory import store_from_url
 from ..stores.memory import MemoryStore
 
@@ -143,33 +143,36 @@ def message_state(header: object) -> tuple[int, float | None, dict[str, float]]:
 
 def dead_letter(
     store: Store,
+    policy: Policy,
+    context: TaskContext,
     *,
-    task_name: str,
     reason: str,
-    policy: str,
-    key: str,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
     headers: Mapping[str, Any],
     attempts: int,
-    deferrals: int,
-    first_seen: float | None,
     error: str,
     letter_id: str | None = None,
 ) -> DeadLetter:
-    """Store a dead letter (and log it); a store failure is logged, never raised over the task's error."""
+    """Store a dead letter for the execution ``context`` (and log it).
+
+    A store failure is logged with the whole entry, never raised over the task's own error.
+    """
+    try:
+        key = policy.key.render(context)
+    except LimitpalError:
+        key = ""
+    task_name = context.task_name
     letter = DeadLetter(
         id=letter_id or uuid.uuid4().hex,
         task_name=task_name,
         reason=reason,
-        policy=policy,
+        policy=policy.name,
         key=key,
-        args=tuple(args),
-        kwargs=dict(kwargs),
+        args=tuple(context.args),
+        kwargs=dict(context.kwargs),
         headers={k: v for k, v in headers.items() if k != HEADER},
         attempts=attempts,
-        deferrals=deferrals,
-        first_seen=first_seen,
+        deferrals=context.deferrals,
+        first_seen=context.first_seen,
         dead_at=time.time(),
         error=error,
     )
@@ -186,7 +189,7 @@ def dead_letter(
         )
     else:
         log.warning(
-            "dead-lettered %s %s [%s] key=%s: %s (%s)", task_name, letter.id, policy, key, reason, error
+            "dead-lettered %s %s [%s] key=%s: %s (%s)", task_name, letter.id, policy.name, key, reason, error
         )
     return letter
 

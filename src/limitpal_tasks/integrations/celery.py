@@ -36,7 +36,7 @@ from ..core.decisions import Admitted, Deferred, Outcome
 from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
 from ..core.policy import Policy
-from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, LimitpalError, StoreError
+from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, StoreError
 from ._runtime import HEADER, Runtime, Settings, dead_letter, redacted, state_header
 
 __all__ = ["Cooldown", "ResilientTask", "install", "replay", "resilient_task", "runtime"]
@@ -152,22 +152,13 @@ def _dead_letter(
     task: Task, rt: Runtime, policy: Policy, context: TaskContext, reason: str, error: str
 ) -> None:
     request = task.request
-    try:
-        key = policy.key.render(context)
-    except LimitpalError:
-        key = ""
     dead_letter(
         rt.store,
-        task_name=task.name,
+        policy,
+        context,
         reason=reason,
-        policy=policy.name,
-        key=key,
-        args=tuple(context.args),
-        kwargs=context.kwargs,
         headers=dict(request.headers or {}),
         attempts=request.retries + 1,
-        deferrals=context.deferrals,
-        first_seen=context.first_seen,
         error=error,
         letter_id=request.id,
     )

@@ -37,7 +37,7 @@ from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
 from ..core.policy import FailMode, Policy
 from ..core.store import Store
-from ..errors import ConfigurationError, Cooldown, LimitpalError
+from ..errors import ConfigurationError, Cooldown
 from ._runtime import HEADER, Runtime, Settings, dead_letter, state_header
 
 __all__ = ["ActorConfigurationError", "Cooldown", "LimitpalMiddleware", "install"]
@@ -268,22 +268,13 @@ class LimitpalMiddleware(Middleware):
     def _dead_letter(
         self, message: Any, policy: Policy, context: TaskContext, reason: str, error: str
     ) -> None:
-        try:
-            key = policy.key.render(context)
-        except LimitpalError:
-            key = ""
         dead_letter(
             self.runtime.store,
-            task_name=message.actor_name,
+            policy,
+            context,
             reason=reason,
-            policy=policy.name,
-            key=key,
-            args=tuple(message.args),
-            kwargs=message.kwargs,
             headers={k: v for k, v in message.options.items() if isinstance(v, (str, int, float, bool))},
             attempts=int(message.options.get("retries", 0)) + 1,
-            deferrals=context.deferrals,
-            first_seen=context.first_seen,
             error=error,
             letter_id=message.message_id,
         )
