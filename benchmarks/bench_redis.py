@@ -88,6 +88,12 @@ def main() -> None:
     rows: list[list[object]] = []
     ping = rate(args.seconds, client.ping)
     rows.append(["redis-py PING (floor)", ping, 1.0])
+    # The floor for any script: an EVALSHA that does nothing, with admit's own KEYS and ARGV.
+    # The gap between it and PING is the price of calling a script at all on this machine.
+    ((admit_keys, admit_args),) = store._admit_calls(pipeline._request(POLICY, CONTEXT), [])
+    empty = client.script_load("return 1")
+    ops = rate(args.seconds, lambda: client.evalsha(empty, len(admit_keys), *admit_keys, *admit_args))
+    rows.append(["EVALSHA 'return 1' with admit's arguments", ops, ops / ping])
     for name, op in (
         ("limitpal admit", admit),
         ("limitpal record", record),
