@@ -13,8 +13,9 @@ import logging
 import os
 import random
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from ..errors import Cooldown, StoreError
 from .clock import Clock, MonotonicClock
@@ -32,7 +33,7 @@ from .decisions import (
     RecordResult,
     Ticket,
 )
-from .events import HookRunner, Hooks
+from .events import HookRunner, Hooks, StoreOperation
 from .keys import KeyTemplate, TaskContext
 from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
 from .store import AdmitResult, Store, reservation_id
@@ -45,6 +46,9 @@ log = logging.getLogger("limitpal_tasks.pipeline")
 _STAGE_PAUSE = -1
 _STORE_RETRY_DELAY = 5.0
 _LAYOUT_CACHE = 4096  # distinct keys per policy whose groups are kept ready
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 class _TicketIds:
@@ -183,6 +187,8 @@ class Pipeline:
     ``clock`` is passed to the store as an explicit ``now`` (tests); without it the store
     uses its own clock (Redis: the server's). ``fallback`` serves ``fail_mode="open"``
     policies while the store is unreachable (default: a per-process ``MemoryStore``).
+    ``hooks`` is a sequence of :class:`Hooks`, or a :class:`HookRunner` built with other
+    than the default summary interval or clocks.
     """
 
     def __init__(
@@ -192,14 +198,15 @@ class Pipeline:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         fallback: Store | None = None,
-        hooks: Sequence[Hooks] = (),
+        hooks: Sequence[Hooks] | HookRunner = (),
     ) -> None:
         self.store = store
         self.clock = clock
         self._local_clock: Clock = clock or MonotonicClock()
         self._rng = rng or random.Random()
         self._fallback = fallback
-        self.hooks = HookRunner(hooks)
+        self.hooks = hooks if isinstance(hooks, HookRunner) else HookRunner(hooks, clock=self._local_clock)
+        self._timed = self.hooks.times_store_calls
         self._layouts: dict[int, _Layout] = {}
         self.store_errors = 0
         # A store that writes some outcomes later (batching) reports what they changed here.
@@ -213,7 +220,10 @@ class Pipeline:
         """Admit or defer one execution; nothing is consumed when it is deferred."""
         request = self._request(policy, context)
         try:
-            result = self.store.admit(request)
+            if self._timed:
+                result = self._timed_call("admit", self.store.admit, request)
+            else:
+                result = self.store.admit(request)
         except StoreError as exc:
             return self._store_failed(policy, context, request, exc)
         return self._decide(policy, context, request, result, fallback=False)
@@ -222,7 +232,10 @@ class Pipeline:
         """The asyncio twin of :meth:`admit`."""
         request = self._request(policy, context)
         try:
-            result = await self.store.admit_async(request)
+            if self._timed:
+                result = await self._timed_call_async("admit", self.store.admit_async(request))
+            else:
+                result = await self.store.admit_async(request)
         except StoreError as exc:
             return self._store_failed(policy, context, request, exc)
         return self._decide(policy, context, request, result, fallback=False)
@@ -324,7 +337,12 @@ class Pipeline:
         """Give back what ``ticket`` holds and feed the breaker; never raises for store errors."""
         store = self._local() if ticket.fallback else self.store
         try:
-            result = store.record(ticket, outcome, self._now(), self._rng.random())
+            if self._timed and not ticket.fallback:
+                result = self._timed_call(
+                    "record", store.record, ticket, outcome, self._now(), self._rng.random()
+                )
+            else:
+                result = store.record(ticket, outcome, self._now(), self._rng.random())
         except StoreError as exc:
             self._record_failed(ticket, exc)
             return
@@ -334,7 +352,11 @@ class Pipeline:
         """The asyncio twin of :meth:`record`."""
         store = self._local() if ticket.fallback else self.store
         try:
-            result = await store.record_async(ticket, outcome, self._now(), self._rng.random())
+            call = store.record_async(ticket, outcome, self._now(), self._rng.random())
+            if self._timed and not ticket.fallback:
+                result = await self._timed_call_async("record", call)
+            else:
+                result = await call
         except StoreError as exc:
             self._record_failed(ticket, exc)
             return
@@ -352,6 +374,33 @@ class Pipeline:
 
     def _now(self) -> float | None:
         return self.clock.now() if self.clock is not None else None
+
+    # -- store latency ------------------------------------------------------------
+
+    def _timed_call(
+        self, operation: StoreOperation, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        timer = self.hooks.timer
+        start = timer()
+        ok = False
+        try:
+            result = call(*args, **kwargs)
+            ok = True
+            return result
+        finally:
+            self.hooks.store_call(operation, timer() - start, ok)
+
+    async def _timed_call_async(self, operation: StoreOperation, call: Awaitable[_T]) -> _T:
+        # The coroutine is created before timing starts but runs only when awaited here.
+        timer = self.hooks.timer
+        start = timer()
+        ok = False
+        try:
+            result = await call
+            ok = True
+            return result
+        finally:
+            self.hooks.store_call(operation, timer() - start, ok)
 
     # -- retries ----------------------------------------------------------------
 
@@ -380,7 +429,10 @@ class Pipeline:
         budget = policy.retry.budget if policy.retry is not None else None
         assert budget is not None
         try:
-            allowed = self.store.spend_retry(budget_key, budget, self._now())
+            if self._timed:
+                allowed = self._timed_call("retry", self.store.spend_retry, budget_key, budget, self._now())
+            else:
+                allowed = self.store.spend_retry(budget_key, budget, self._now())
         except StoreError as exc_:
             allowed = self._budget_failed(policy, exc_)
         return decision if allowed else RetryDecision(False, reason="retry_budget")
@@ -400,7 +452,8 @@ class Pipeline:
         budget = policy.retry.budget if policy.retry is not None else None
         assert budget is not None
         try:
-            allowed = await self.store.spend_retry_async(budget_key, budget, self._now())
+            call = self.store.spend_retry_async(budget_key, budget, self._now())
+            allowed = await (self._timed_call_async("retry", call) if self._timed else call)
         except StoreError as exc_:
             allowed = self._budget_failed(policy, exc_)
         return decision if allowed else RetryDecision(False, reason="retry_budget")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred
-from ..core.events import Hooks
+from ..core.events import HookRunner, Hooks
 from ..core.keys import ArgBinder, KeySpec, TaskContext
 from ..core.pipeline import Pipeline
 from ..core.policy import FailMode, Policy
@@ -151,10 +151,13 @@ def dead_letter(
     attempts: int,
     error: str,
     letter_id: str | None = None,
+    hooks: HookRunner | None = None,
 ) -> DeadLetter:
-    """Store a dead letter for the execution ``context`` (and log it).
+    """Store a dead letter for the execution ``context``, log it and tell ``hooks``.
 
-    A store failure is logged with the whole entry, never raised over the task's own error.
+    Pass the runtime's runner (``runtime.pipeline.hooks``) so ``Hooks.on_dead_letter``
+    fires; the WARNING line on ``limitpal_tasks.deadletter`` is written either way. A
+    store failure is logged with the whole entry, never raised over the task's own error.
     """
     try:
         key = policy.key.render(context)
@@ -179,6 +182,7 @@ def dead_letter(
     try:
         store.put_dead(letter)
     except StoreError as exc:
+        # The log is then the only copy of the entry, so it carries the arguments too.
         log.error(
             "dead letter for %s %s (%s) could not be stored: %s; entry: %s",
             task_name,
@@ -187,10 +191,8 @@ def dead_letter(
             exc,
             letter.to_json(),
         )
-    else:
-        log.warning(
-            "dead-lettered %s %s [%s] key=%s: %s (%s)", task_name, letter.id, policy.name, key, reason, error
-        )
+    # Reported whether or not the store kept it: the task is dead-lettered either way.
+    (hooks if hooks is not None else HookRunner()).dead_letter(letter)
     return letter
 
 
