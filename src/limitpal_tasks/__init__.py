@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .core.clock import Clock, MockClock, MonotonicClock
 from .core.deadletter import DeadLetter
 from .core.decisions import Admitted, Decision, Deferred, KeyStatus, Outcome, Ticket, Transition
-from .core.events import Hooks
+from .core.events import HookRunner, Hooks
 from .core.keys import KeyTemplate, TaskContext
 from .core.pipeline import Pipeline, RetryDecision
 from .core.policy import (
@@ -57,6 +57,7 @@ __all__ = [
     "DeferralLimitExceeded",
     "Deferred",
     "FailurePolicy",
+    "HookRunner",
     "Hooks",
     "KeyStatus",
     "KeyTemplate",

@@ -77,8 +77,10 @@ class Hooks:
         """A call to the shared store took ``seconds``; ``ok`` is false when it raised.
 
         ``operation`` is ``"admit"``, ``"record"`` or ``"retry"``. Calls to the per-process
-        fallback store are not reported. The pipeline only times store calls when some
-        hook overrides this method, so leaving it alone costs nothing.
+        fallback store are not reported; a success that ``RedisStore`` batches is timed
+        as the time to queue it (its round trip is paid by a later call). The pipeline
+        only times store calls when some hook overrides this method, so leaving it alone
+        costs nothing.
         """
 
 
