@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
+from .units import Rate, exact
 
 __all__ = [
     "AdmitRequest",
@@ -19,6 +20,7 @@ __all__ = [
     "GroupResult",
     "KeyStatus",
     "Outcome",
+    "RateOverride",
     "RecordResult",
     "Ticket",
     "Transition",
@@ -176,6 +178,30 @@ class RecordResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RateOverride:
+    """An operator's rate for one limit of one key, fleet-wide, until ``until`` (``None``: permanent).
+
+    It replaces the limit's rate and burst while it is in force; the key's schedule
+    carries on (slots already booked stay booked).
+    """
+
+    rate: Rate
+    burst: int = 1
+    until: float | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.rate.interval
+
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
+    def __str__(self) -> str:
+        per = exact(self.rate.per)
+        return f"{exact(self.rate.limit)}/{'s' if per == '1' else per + 's'} burst {self.burst}"
+
+
+@dataclass(frozen=True, slots=True)
 class KeyStatus:
     """A snapshot of everything kept under one key (for ``status`` and tests)."""
 
@@ -191,3 +217,8 @@ class KeyStatus:
     paused_until: float | None = None
     pause_reason: str | None = None
     rates: Mapping[str, float] = field(default_factory=dict)
+    """The booking schedule (theoretical arrival time) of each rate limit, by limit id."""
+    overrides: Mapping[str, RateOverride] = field(default_factory=dict)
+    """Operator rate overrides in force, by limit id."""
+    policy: str | None = None
+    """The policy that last asked for an admission under this key."""

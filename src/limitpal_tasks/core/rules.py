@@ -18,9 +18,10 @@ from .decisions import (
     GroupResult,
     KeyStatus,
     Outcome,
+    RateOverride,
     Transition,
 )
-from .policy import Breaker, RetryBudget
+from .policy import Breaker, RateLimit, RetryBudget
 
 __all__ = [
     "EARLY_TOLERANCE",
@@ -32,6 +33,7 @@ __all__ = [
     "record_group",
     "release_group",
     "reset_breaker",
+    "set_override",
     "spend_retry",
     "status_of",
 ]
@@ -161,7 +163,7 @@ class BudgetData:
 class KeyState:
     """Everything kept under one key."""
 
-    __slots__ = ("breaker", "budget", "leases", "pause_reason", "paused_until", "tats")
+    __slots__ = ("breaker", "budget", "leases", "overrides", "pause_reason", "paused_until", "policy", "tats")
 
     def __init__(self) -> None:
         self.paused_until = 0.0
@@ -170,12 +172,16 @@ class KeyState:
         self.leases: dict[str, float] = {}
         self.tats: dict[str, float] = {}
         self.budget: BudgetData | None = None
+        self.overrides: dict[str, RateOverride] = {}
+        self.policy: str | None = None
 
     def horizon(self) -> float:
         """The latest time at which anything kept here still matters."""
         latest = max(
             self.paused_until, max(self.leases.values(), default=0.0), max(self.tats.values(), default=0.0)
         )
+        for override in self.overrides.values():
+            latest = max(latest, math.inf if override.until is None else override.until)
         if self.breaker is not None:
             latest = max(latest, self.breaker.open_until, max(self.breaker.probes.values(), default=0.0))
         return latest
@@ -223,6 +229,7 @@ def admit_group(
     reservation horizon books that slot (the returned ``reservations``).
     """
     del rand  # admission draws no randomness; kept for symmetry with record_group
+    state.policy = policy
     if state.paused_until > now:
         return _defer(now, "paused", state.paused_until - now)
 
@@ -303,7 +310,9 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
     Returns the deferral, or (all conform, now consumed) per limit the reserved slot the
     execution used, ``0.0`` where it took a fresh slot.
     """
-    rates = group.rates
+    rates: tuple[RateLimit | _Overridden, ...] = group.rates
+    if state.overrides:
+        rates = tuple(_effective(limit, state.overrides.get(limit.slot_id), now) for limit in group.rates)
     tats = state.tats
     if not group.reservations and len(rates) == 1:  # the common case, same arithmetic as below
         limit = rates[0]
@@ -367,6 +376,31 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
     return _defer(now, "rate_limited", target - now, reservations=booked_slots)
 
 
+class _Overridden:
+    """A limit with an operator's rate and burst, on the limit's own schedule."""
+
+    __slots__ = ("burst", "exec_id", "grace", "interval", "reserve_ahead", "slot_id")
+
+    def __init__(self, limit: RateLimit, override: RateOverride) -> None:
+        self.slot_id, self.exec_id = limit.slot_id, limit.exec_id
+        self.grace, self.reserve_ahead = limit.grace, limit.reserve_ahead
+        self.interval, self.burst = override.interval, override.burst
+
+
+def _effective(limit: RateLimit, override: RateOverride | None, now: float) -> RateLimit | _Overridden:
+    if override is None or not override.active(now):
+        return limit
+    return _Overridden(limit, override)
+
+
+def set_override(state: KeyState, slot_id: str, override: RateOverride | None) -> None:
+    """Put an operator's rate on one limit of the key (``None`` lifts it)."""
+    if override is None:
+        state.overrides.pop(slot_id, None)
+    else:
+        state.overrides[slot_id] = override
+
+
 def release_group(state: KeyState, group: Group, ticket_id: str, admitted: GroupResult) -> None:
     """Undo an admission of this group because a later group of the request deferred.
 
@@ -378,7 +412,8 @@ def release_group(state: KeyState, group: Group, ticket_id: str, admitted: Group
     if state.breaker is not None:
         state.breaker.probes.pop(ticket_id, None)
     tats = state.tats
-    for limit, slot in zip(group.rates, admitted.reservations):
+    for configured, slot in zip(group.rates, admitted.reservations):
+        limit = _effective(configured, state.overrides.get(configured.slot_id), admitted.now)
         if limit.exec_id in tats:
             tats[limit.exec_id] -= limit.interval
         if slot == 0.0 and limit.slot_id in tats:
@@ -515,6 +550,7 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
     breaker = state.breaker
     leases = sum(1 for expiry in state.leases.values() if expiry > now)
     paused = state.paused_until if state.paused_until > now else None
+    overrides = {slot: o for slot, o in state.overrides.items() if o.active(now)}
     if breaker is None:
         return KeyStatus(
             key,
@@ -523,6 +559,8 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
             paused_until=paused,
             pause_reason=state.pause_reason if paused else None,
             rates=_booked(state),
+            overrides=overrides,
+            policy=state.policy,
         )
     shown: BreakerState = breaker.state
     if shown == "open" and now >= breaker.open_until:
@@ -540,4 +578,6 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
         paused_until=paused,
         pause_reason=state.pause_reason if paused else None,
         rates=_booked(state),
+        overrides=overrides,
+        policy=state.policy,
     )

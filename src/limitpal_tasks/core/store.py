@@ -7,7 +7,7 @@ Every operation has an ``async`` twin with the ``_async`` suffix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +24,7 @@ from .decisions import (
     Transition,
 )
 from .policy import RetryBudget
+from .units import Rate
 
 __all__ = ["AdmitResult", "Store", "merge_admission", "reservation_id"]
 
@@ -103,6 +104,23 @@ class Store(Protocol):
     def pause(self, key: str, seconds: float, reason: str, now: float | None = None) -> None: ...
     def resume(self, key: str) -> None: ...
     def status(self, key: str, now: float | None = None) -> KeyStatus: ...
+    def keys(self, match: str = "*") -> Iterator[str]:
+        """The keys that hold state, those matching the glob ``match`` (no order)."""
+        ...
+
+    def override(
+        self,
+        key: str,
+        limit_id: str,
+        rate: Rate | None,
+        burst: int = 1,
+        seconds: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Run limit ``limit_id`` of ``key`` at ``rate`` fleet-wide for ``seconds`` (``None``:
+        until lifted); ``rate=None`` lifts it."""
+        ...
+
     def reset(self, key: str, policy: str = "", now: float | None = None) -> tuple[Transition, ...]: ...
     def force(
         self, key: str, state: BreakerState, policy: str = "", now: float | None = None
@@ -111,5 +129,9 @@ class Store(Protocol):
     def put_dead(self, letter: DeadLetter) -> None: ...
     def list_dead(self, limit: int = 100) -> list[DeadLetter]: ...
     def take_dead(self, letter_id: str) -> DeadLetter | None: ...
+    def purge_dead(self) -> int:
+        """Delete every dead letter; how many there were."""
+        ...
+
 
     def close(self) -> None: ...

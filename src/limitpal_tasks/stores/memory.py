@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
@@ -14,6 +16,7 @@ from ..core.decisions import (
     GroupResult,
     KeyStatus,
     Outcome,
+    RateOverride,
     RecordResult,
     Ticket,
     Transition,
@@ -26,10 +29,12 @@ from ..core.rules import (
     record_group,
     release_group,
     reset_breaker,
+    set_override,
     spend_retry,
     status_of,
 )
 from ..core.store import AdmitResult, merge_admission
+from ..core.units import Rate
 from ..errors import ConfigurationError
 
 __all__ = ["MemoryStore"]
@@ -205,6 +210,26 @@ class MemoryStore:
             entry = self._keys.get(key)
             return status_of(entry[0] if entry else KeyState(), key, now)
 
+    def keys(self, match: str = "*") -> Iterator[str]:
+        with self._lock:
+            keys = list(self._keys)
+        return iter([k for k in keys if fnmatch.fnmatchcase(k, match)] if match != "*" else keys)
+
+    def override(
+        self,
+        key: str,
+        limit_id: str,
+        rate: Rate | None,
+        burst: int = 1,
+        seconds: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        now = self._now(now)
+        with self._lock:
+            state = self._state(key, now)
+            until = None if seconds is None else now + seconds
+            set_override(state, limit_id, None if rate is None else RateOverride(rate, burst, until))
+
     def reset(self, key: str, policy: str = "", now: float | None = None) -> tuple[Transition, ...]:
         now = self._now(now)
         with self._lock:
@@ -242,6 +267,12 @@ class MemoryStore:
     def take_dead(self, letter_id: str) -> DeadLetter | None:
         with self._lock:
             return self._dead.pop(letter_id, None)
+
+    def purge_dead(self) -> int:
+        with self._lock:
+            count = len(self._dead)
+            self._dead.clear()
+        return count
 
     def close(self) -> None:
         """Nothing to release; present for the :class:`Store` contract."""

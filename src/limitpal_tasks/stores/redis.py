@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -32,12 +32,14 @@ from ..core.decisions import (
     GroupResult,
     KeyStatus,
     Outcome,
+    RateOverride,
     RecordResult,
     Ticket,
     Transition,
 )
 from ..core.policy import RetryBudget
 from ..core.store import AdmitResult, merge_admission
+from ..core.units import Rate, exact
 from ..errors import ConfigurationError, StoreError
 
 __all__ = ["RedisStore"]
@@ -86,6 +88,17 @@ def _f(value: float) -> str:
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _override(value: str) -> RateOverride:
+    limit, per, burst, until = value.split(":")
+    rate = Rate(float(limit) if "." in limit or "e" in limit else int(limit), float(per))
+    return RateOverride(rate, int(burst), None if float(until) == 0 else float(until))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a ``SCAN MATCH`` pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class _Guard:
@@ -687,9 +700,12 @@ class RedisStore:
         seconds: float = 0.0,
         reason: str = "",
         policy: str = "",
+        extra: Sequence[str] = (),
     ) -> tuple[Transition, ...]:
         reply = self._call(
-            "control", self._keys(key), [self._now(now), action, key, _f(seconds), reason, self._idle]
+            "control",
+            self._keys(key),
+            [self._now(now), action, key, _f(seconds), reason, self._idle, *extra],
         )
         return self._parse(action, lambda: _transitions(policy, reply[1], float(reply[0])))
 
@@ -708,6 +724,44 @@ class RedisStore:
         if state not in ("forced_open", "disabled", "closed"):
             raise ConfigurationError("state", state, 'expected "forced_open", "disabled" or "closed"')
         return self._control(key, "reset" if state == "closed" else state, now, policy=policy)
+
+    def override(
+        self,
+        key: str,
+        limit_id: str,
+        rate: Rate | None,
+        burst: int = 1,
+        seconds: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        if rate is None:
+            self._control(key, "unoverride", now, reason=limit_id)
+            return
+        self._call(
+            "control",
+            self._keys(key),
+            [
+                self._now(now),
+                "override",
+                key,
+                "" if seconds is None else _f(seconds),
+                limit_id,
+                self._idle,
+                exact(rate.limit),
+                exact(rate.per),
+                str(int(burst)),
+            ],
+        )
+
+    def keys(self, match: str = "*") -> Iterator[str]:
+        """Keys holding state, found by ``SCAN`` over this store's prefix (never ``KEYS``)."""
+        pattern = f"{_glob_escape(self.prefix)}:{{{match}}}:s"
+        start = len(self.prefix) + 2
+        try:
+            for name in self._client.scan_iter(match=pattern, count=1000):
+                yield _s(name)[start:-3]
+        except redis.RedisError as exc:
+            raise StoreError(f"redis scan failed: {exc}") from exc
 
     def status(self, key: str, now: float | None = None) -> KeyStatus:
         self.flush()  # read this process's own writes
@@ -748,6 +802,12 @@ class RedisStore:
                 rates={
                     k[2:]: float(v) for k, v in data.items() if k.startswith("r:") and not k.endswith("#x")
                 },
+                overrides={
+                    k[2:]: override
+                    for k, v in data.items()
+                    if k.startswith("o:") and (override := _override(v)).active(at)
+                },
+                policy=data.get("po"),
             )
 
         return self._parse("status", parse)
@@ -775,6 +835,10 @@ class RedisStore:
         if not entry:
             return None
         return self._parse("dead take", lambda: DeadLetter.from_json(entry))
+
+    def purge_dead(self) -> int:
+        count = self._call("dead", self._dead_keys, ["purge"])
+        return self._parse("dead purge", lambda: int(count))
 
     def close(self) -> None:
         """Write batched successes, then close the connections (the asyncio client is dropped)."""

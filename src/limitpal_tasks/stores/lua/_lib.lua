@@ -6,7 +6,10 @@
 --   s  hash    scalars: pause (pu, pr), breaker (bs state, bg generation, bo open_until,
 --              bn consecutive opens, bk/bw probe successes/slow, wt/ws window shape,
 --              wc cursor, tc/tf/tl window totals), GCRA TATs (r:<slot>), retry budget
---              (ys start, ya/yr admissions/retries, yA/yR previous window), hz horizon
+--              (ys start, ya/yr admissions/retries, yA/yR previous window), hz horizon,
+--              po policy of the last admission, o:<slot> operator rate override
+--              ("limit:per:burst:until", until 0 = permanent), pm 1 while a permanent
+--              override keeps s from expiring
 --   l  zset    leases: ticket id -> expiry
 --   p  zset    half-open probe leases: ticket id -> expiry
 --   w  string  count window ring (one byte per call) | hash: second -> "calls:failures:slow"
@@ -43,7 +46,7 @@ local BUDGET = {'ys', 'ya', 'yr', 'yA', 'yR'}
 
 -- The state table of hash s, holding the given fields (and those finish() needs).
 local function load(s, fields, extra)
-  local names = {'hz', 'pu', 'bo'}
+  local names = {'hz', 'pu', 'bo', 'pm'}
   for _, list in ipairs({fields, extra or {}}) do
     for _, f in ipairs(list) do names[#names + 1] = f end
   end
@@ -151,7 +154,11 @@ local function finish(H, now, idle_ttl)
   if not written and #H._touched == 0 then return end
   local latest = math.max(get(H, 'hz', 0), get(H, 'pu', 0), get(H, 'bo', 0))
   local ms = math.ceil((math.max(0, latest - now) + idle_ttl) * 1000)
-  redis.call('PEXPIRE', H._key, ms)
+  if get(H, 'pm', nil) then
+    redis.call('PERSIST', H._key)
+  else
+    redis.call('PEXPIRE', H._key, ms)
+  end
   local seen = {}
   for _, k in ipairs(H._touched) do
     if not seen[k] then
@@ -159,6 +166,18 @@ local function finish(H, now, idle_ttl)
       redis.call('PEXPIRE', k, ms)
     end
   end
+end
+
+-- The interval and burst a rate limit runs at now: an operator's override while it is
+-- in force (see core/rules.py:_effective), else its own.
+local function effective(H, slot, interval, burst, now)
+  local o = get(H, 'o:' .. slot, nil)
+  if o then
+    local limit, per, b, until_ = string.match(o, '^([^:]+):([^:]+):([^:]+):([^:]+)$')
+    until_ = tonumber(until_)
+    if until_ == 0 or until_ > now then return tonumber(per) / tonumber(limit), tonumber(b) end
+  end
+  return interval, burst
 end
 
 -- Seconds until the earliest lease of zset z expires, at most cap.

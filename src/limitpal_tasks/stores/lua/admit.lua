@@ -40,6 +40,7 @@ for g = 1, ngroups do
     G.exec[i] = 'r:' .. a[pos] .. '#x'
     G.hmget[#G.hmget + 1] = G.fields[i]
     G.hmget[#G.hmget + 1] = G.exec[i]
+    G.hmget[#G.hmget + 1] = 'o:' .. a[pos]
     pos = pos + 6
   end
   local k = (g - 1) * 4
@@ -61,6 +62,7 @@ end
 -- core/rules.py:_check_rates): a deferral, or the slots used per limit (0 = fresh slot).
 local function check_rates(G, H)
   local rates = G.rates
+  for _, r in ipairs(rates) do r.interval, r.burst = effective(H, r.slot, r.interval, r.burst, now) end
   local covered = {}
   for i, r in ipairs(rates) do
     covered[i] = r.carried ~= nil and r.carried - 0.001 <= now and now <= r.carried + r.grace
@@ -204,13 +206,14 @@ local function release_group(G, H, result)
   save(H)
 end
 
-local ADMIT = {'bs', 'bg', 'bk'}
-local ADMIT_BUDGET = {'bs', 'bg', 'bk', 'ys', 'ya', 'yr', 'yA', 'yR'}
+local ADMIT = {'bs', 'bg', 'bk', 'po'}
+local ADMIT_BUDGET = {'bs', 'bg', 'bk', 'po', 'ys', 'ya', 'yr', 'yA', 'yR'}
 local _, record_transitions = apply_records(ARGV, 8 + ngroups, tonumber(ARGV[7 + ngroups]), 4 * ngroups + 1, idle_ttl)
 local out, states = {fmt(now), record_transitions}, {}
 for g, G in ipairs(groups) do
   local H = load(G.s, G.budget and ADMIT_BUDGET or ADMIT, G.hmget)
   states[g] = H
+  if get(H, 'po', nil) ~= policy then set(H, 'po', policy) end
   local result = admit_group(G, H)
   out[#out + 1] = result
   finish(H, now, idle_ttl)

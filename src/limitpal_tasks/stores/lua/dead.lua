@@ -3,6 +3,7 @@
 -- KEYS: h (hash: id -> JSON entry), z (zset: id -> dead-lettered time)
 -- ARGV: 'put', id, json, dead_at, max_entries, ttl_seconds  -> number of entries dropped (oldest first)
 --       'take', id                                         -> the JSON entry, or false when already taken
+--       'purge'                                            -> the number of entries deleted
 
 local h, z = KEYS[1], KEYS[2]
 if ARGV[1] == 'put' then
@@ -18,6 +19,11 @@ if ARGV[1] == 'put' then
   redis.call('EXPIRE', h, ARGV[6])
   redis.call('EXPIRE', z, ARGV[6])
   return dropped
+end
+if ARGV[1] == 'purge' then
+  local count = redis.call('ZCARD', z)
+  redis.call('DEL', h, z)
+  return count
 end
 local entry = redis.call('HGET', h, ARGV[2])
 if not entry then return false end
