@@ -37,6 +37,7 @@ from limitpal_tasks import (
     Outcome,
     Pipeline,
     Policy,
+    Rate,
     RateLimit,
     RetryBudget,
     RetryPolicy,
@@ -170,12 +171,27 @@ class Force:
 
 
 @dataclass(frozen=True)
+class Override:
+    key: str
+    limit: str  # a limit id of the key
+    rate: str | None  # None lifts the override
+    burst: int
+    seconds: float | None  # None: permanent
+
+
+@dataclass(frozen=True)
 class SpendRetry:
     policy: int
     tenant: str
 
 
-Operation = Admit | Record | Advance | Pause | Resume | Reset | Force | SpendRetry
+Operation = Admit | Record | Advance | Pause | Resume | Reset | Force | Override | SpendRetry
+# The (key, limit id) pairs POLICIES use, so overrides land where admissions read them.
+LIMITS = (
+    *[(f"tenant:{t}", limit) for t in TENANTS for limit in ("4/1/3", "3/1/2", "2/1/1")],
+    ("global", "30/60/5"),
+    ("global", "20/60/2"),
+)
 
 tenants = st.sampled_from(TENANTS)
 keys = st.sampled_from(KEYS)
@@ -197,6 +213,16 @@ _weighted: list[st.SearchStrategy[Operation]] = [
     st.builds(Reset, keys),
     st.builds(Force, keys, st.sampled_from(STATES)),
     st.builds(SpendRetry, st.sampled_from([0, 3]), tenants),
+    *[
+        st.builds(
+            lambda pair, rate, burst, seconds: Override(*pair, rate, burst, seconds),
+            st.sampled_from(LIMITS),
+            st.sampled_from([None, "1/s", "8/s", "90/m"]),
+            st.integers(1, 3),
+            st.sampled_from([None, 0.5, 4.0]),
+        )
+    ]
+    * 2,
 ]
 operations: st.SearchStrategy[Operation] = st.sampled_from(_weighted).flatmap(lambda strategy: strategy)
 # Long enough for breakers to trip and re-open; short enough to shrink quickly.
@@ -265,6 +291,10 @@ class Twins:
         elif isinstance(op, Force):
             mine, theirs = (store.force(op.key, op.state, "ops", now=now) for store in stores)
             self.check(f"force({op.key}, {op.state})", mine, theirs)
+        elif isinstance(op, Override):
+            rate = None if op.rate is None else Rate.parse(op.rate)
+            for store in stores:
+                store.override(op.key, op.limit, rate, op.burst, op.seconds, now=now)
         else:
             retry = POLICIES[op.policy].retry
             assert retry is not None
