@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from limitpal_tasks import Breaker, DeferPolicy, Deferred, Hooks, Policy, RateLimit, TaskContext
+from limitpal_tasks import (
+    Breaker,
+    DeadLetter,
+    DeferPolicy,
+    Deferred,
+    Hooks,
+    Policy,
+    RateLimit,
+    TaskContext,
+)
 
 pytestmark = [pytest.mark.celery, pytest.mark.dramatiq]
 
@@ -27,14 +36,14 @@ POLICY = Policy(
 )
 WORKLOAD = [("a", 3), ("b", 3), ("c", 4)]
 EXPECTED = {
-    "a": Counter({"deferred:breaker_open": 6, "dead:max_deferrals": 3}),
+    "a": Counter({"deferred:breaker_open": 6, "dead:max_deferrals": 3, "hooked:max_deferrals": 3}),
     "b": Counter({"ran": 3}),
     "c": Counter({"ran": 4, "deferred:rate_limited": 1}),
 }
 
 
 class Tally(Hooks):
-    """Counts what happened per tenant: runs (from the task body), deferrals (from the hooks)."""
+    """Counts what happened per tenant: runs (from the task body), deferrals and dead letters (hooks)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -48,6 +57,9 @@ class Tally(Hooks):
         if not decision.exhausted:
             self.add(str(context.argument("tenant")), f"deferred:{decision.reason}")
 
+    def on_dead_letter(self, letter: DeadLetter) -> None:
+        self.add(letter.key.removeprefix("tenant:"), f"hooked:{letter.reason}")
+
 
 def wait_until(done: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
@@ -59,7 +71,8 @@ def wait_until(done: Callable[[], bool], timeout: float = 20.0) -> None:
 def finished(tally: Tally, dead: Callable[[], list[Any]]) -> bool:
     with tally.lock:
         ran = sum(c["ran"] for c in tally.counts.values())
-    return ran == 7 and len(dead()) == 3
+        hooked = sum(tally.counts["a"].values()) - tally.counts["a"]["deferred:breaker_open"]
+    return ran == 7 and hooked == 3 and len(dead()) == 3
 
 
 @contextmanager

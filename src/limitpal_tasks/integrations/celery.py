@@ -161,6 +161,7 @@ def _dead_letter(
         attempts=request.retries + 1,
         error=error,
         letter_id=request.id,
+        hooks=rt.pipeline.hooks,
     )
 
 

@@ -277,6 +277,7 @@ class LimitpalMiddleware(Middleware):
             attempts=int(message.options.get("retries", 0)) + 1,
             error=error,
             letter_id=message.message_id,
+            hooks=self.runtime.pipeline.hooks,
         )
 
 
