@@ -6,14 +6,19 @@ Every command talks to the store named by ``--store`` (or ``LIMITPAL_STORE_URL``
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 
 from . import __version__
+from .core.deadletter import DeadLetter
+from .core.decisions import KeyStatus
 from .core.store import Store
 from .errors import LimitpalError
 from .stores.factory import store_from_url
@@ -36,6 +41,9 @@ _PREFIX = click.option(
 )
 
 
+_SCAN_LIMIT = 100_000  # keys read by one status; beyond it, narrow with --match
+
+
 @contextmanager
 def _open(store_url: str, prefix: str) -> Iterator[Store]:
     try:
@@ -55,12 +63,6 @@ def _open(store_url: str, prefix: str) -> Iterator[Store]:
         store.close()
 
 
-def _when(at: float | None) -> str:
-    if at is None:
-        return "-"
-    return f"{time.strftime('%H:%M:%S', time.localtime(at))} (in {max(0.0, at - time.time()):.1f}s)"
-
-
 @click.group()
 @click.version_option(__version__, prog_name="limitpal-tasks")
 def main() -> None:
@@ -73,25 +75,162 @@ def version() -> None:
     click.echo(__version__)
 
 
+def _limit_text(limit_id: str) -> str:
+    """``"100/1/10"`` (a limit's id: limit/per seconds/burst) as ``100/s burst 10``."""
+    try:
+        limit, per, burst = limit_id.split("/")
+    except ValueError:
+        return limit_id
+    return f"{limit}/{'s' if per == '1' else per + 's'} burst {burst}"
+
+
+def _rate_rows(status: KeyStatus, at: float) -> dict[str, dict[str, Any]]:
+    """Per limit: when the next execution may start, the reservations booked beyond the
+    burst, and the tokens left now (GCRA: a schedule ``tat`` and room for ``burst`` slots)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for limit_id, tat in sorted(status.rates.items()):
+        override = status.overrides.get(limit_id)
+        try:
+            limit, per, burst = (float(x) for x in limit_id.split("/"))
+        except ValueError:
+            continue
+        interval = override.interval if override else per / limit
+        capacity = override.burst if override else int(burst)
+        used = max(0.0, tat - at) / interval  # slots of the schedule taken beyond now
+        rows[limit_id] = {
+            "limit": str(override) if override else _limit_text(limit_id),
+            "next_slot": max(tat - (capacity - 1) * interval, at),
+            "booked_ahead": max(0, math.ceil(used - capacity - 1e-9)),
+            "tokens": max(0, math.floor(capacity - used + 1e-9)),
+            "overridden": override is not None,
+        }
+    return rows
+
+
+def _as_json(status: KeyStatus) -> dict[str, Any]:
+    at = status.at if status.at is not None else time.time()
+    return {
+        "key": status.key,
+        "policy": status.policy,
+        "breaker": status.breaker,
+        "generation": status.generation,
+        "open_until": status.open_until,
+        "calls": status.calls,
+        "failures": status.failures,
+        "slow_calls": status.slow_calls,
+        "failure_rate": status.failures / status.calls if status.calls else None,
+        "in_flight": status.in_flight,
+        "probes_in_flight": status.probes_in_flight,
+        "paused_until": status.paused_until,
+        "pause_reason": status.pause_reason,
+        "rates": _rate_rows(status, at),
+        "overrides": {
+            limit_id: {"rate": str(o), "burst": o.burst, "until": o.until}
+            for limit_id, o in sorted(status.overrides.items())
+        },
+        "at": at,
+    }
+
+
+def _until(at: float | None, now: float) -> str:
+    return "-" if at is None else f"in {max(0.0, at - now):.1f}s"
+
+
+def _table(statuses: list[KeyStatus]) -> str:
+    headers = ["POLICY", "KEY", "BREAKER", "FAILURES", "OPEN UNTIL", "RATE", "IN FLIGHT", "PAUSED UNTIL"]
+    rows = [headers]
+    for status in statuses:
+        at = status.at if status.at is not None else time.time()
+        rates = []
+        for row in _rate_rows(status, at).values():
+            mark = " (override)" if row["overridden"] else ""
+            if row["booked_ahead"]:
+                rates.append(f"{row['limit']}{mark}: {row['booked_ahead']} booked ahead")
+            else:
+                rates.append(f"{row['limit']}{mark}: {row['tokens']} tokens")
+        failures = f"{status.failures}/{status.calls}" if status.calls else "-"
+        if status.calls:
+            failures += f" ({100 * status.failures / status.calls:.0f}%)"
+        in_flight = str(status.in_flight)
+        if status.probes_in_flight:
+            in_flight += f" ({status.probes_in_flight} probes)"
+        paused = _until(status.paused_until, at)
+        if status.pause_reason:
+            paused += f" ({status.pause_reason})"
+        rows.append(
+            [
+                status.policy or "-",
+                status.key,
+                status.breaker,
+                failures,
+                _until(status.open_until, at),
+                "; ".join(rates) or "-",
+                in_flight,
+                paused,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _interest(status: KeyStatus) -> tuple[bool, bool, str]:
+    """Keys that need an operator first: breakers not closed, then pauses."""
+    return (status.breaker == "closed", status.paused_until is None, status.key)
+
+
+def _statuses(
+    store: Store, keys: tuple[str, ...], match: str, policy: str | None, limit: int
+) -> list[KeyStatus]:
+    names = list(keys) if keys else list(itertools.islice(store.keys(match), _SCAN_LIMIT))
+    statuses = [store.status(key) for key in names]
+    if policy is not None:
+        statuses = [s for s in statuses if s.policy == policy]
+    return sorted(statuses, key=_interest)[:limit]
+
+
 @main.command()
-@click.argument("keys", nargs=-1, required=True)
+@click.argument("keys", nargs=-1)
+@click.option("--match", default="*", show_default=True, help="Only keys matching this glob.")
+@click.option("--policy", default=None, help="Only keys last used by this policy.")
+@click.option("--limit", default=100, show_default=True, help="Show at most this many keys.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+@click.option("--watch", "watch", default=None, type=float, help="Refresh every this many seconds.")
+@click.option("--times", default=0, hidden=True, help="Stop --watch after this many refreshes (tests).")
 @_STORE
 @_PREFIX
-def status(keys: tuple[str, ...], store_url: str, prefix: str) -> None:
-    """Breaker state, window counts, in-flight executions, pause and rate schedule of KEYS."""
+def status(
+    keys: tuple[str, ...],
+    match: str,
+    policy: str | None,
+    limit: int,
+    as_json: bool,
+    watch: float | None,
+    times: int,
+    store_url: str,
+    prefix: str,
+) -> None:
+    """Breakers, failure rates, rate schedules, in-flight executions and pauses, as a table.
+
+    Without KEYS, every key with state is found by SCAN over the prefix (open breakers and
+    pauses first).
+    """
+    if watch is not None and not watch > 0:
+        raise click.BadParameter(f"expected seconds > 0, got {watch}", param_hint="--watch")
     with _open(store_url, prefix) as store:
-        for key in keys:
-            s = store.status(key)
-            click.echo(f"{key}")
-            click.echo(
-                f"  breaker {s.breaker} (generation {s.generation}; open until {_when(s.open_until)}); "
-                f"window {s.calls} calls, {s.failures} failures, {s.slow_calls} slow"
-            )
-            click.echo(f"  in flight {s.in_flight}, probes {s.probes_in_flight}")
-            if s.paused_until is not None:
-                click.echo(f"  paused until {_when(s.paused_until)} ({s.pause_reason})")
-            for limit, tat in sorted(s.rates.items()):
-                click.echo(f"  rate {limit}: next free slot {_when(tat)}")
+        shown = 0
+        while True:
+            statuses = _statuses(store, keys, match, policy, limit)
+            if as_json:
+                click.echo(json.dumps([_as_json(s) for s in statuses], indent=2))
+            else:
+                if watch is not None:
+                    click.clear()
+                    click.echo(f"{time.strftime('%H:%M:%S')}  every {watch:g}s  {store_url}  ({prefix})")
+                click.echo(_table(statuses) if statuses else "no keys with state")
+            shown += 1
+            if watch is None or shown == times:
+                return
+            time.sleep(watch)
 
 
 @main.command()
@@ -145,6 +284,56 @@ def resume(key: str, store_url: str, prefix: str) -> None:
         click.echo(f"{key}: resumed")
 
 
+@main.command()
+@click.argument("key")
+@click.argument("rate", required=False)
+@click.option("--burst", default=1, show_default=True, type=click.IntRange(min=1), help="Burst at that rate.")
+@click.option("--for", "duration", default="1h", show_default=True, help="How long, e.g. 30s, 10m, 2h.")
+@click.option("--permanent", is_flag=True, help="Keep it until lifted with --clear.")
+@click.option("--clear", is_flag=True, help="Lift the override: the policy's own rate applies again.")
+@click.option("--limit", "limit_id", default=None, help="Which limit of KEY (see status), if it has several.")
+@_STORE
+@_PREFIX
+def override(
+    key: str,
+    rate: str | None,
+    burst: int,
+    duration: str,
+    permanent: bool,
+    clear: bool,
+    limit_id: str | None,
+    store_url: str,
+    prefix: str,
+) -> None:
+    """Run KEY's rate limit at RATE (e.g. 20/s, 300/m) fleet-wide, without a restart.
+
+    The override expires after --for (default 1h) unless --permanent; --clear lifts it.
+    """
+    from .core.units import Rate, parse_duration  # noqa: PLC0415
+
+    if clear == (rate is not None):
+        raise click.UsageError("give RATE, or --clear (not both)")
+    try:
+        parsed = None if rate is None else Rate.parse(rate, "RATE")
+        seconds = None if permanent or clear else parse_duration("--for", duration, allow_zero=False)
+    except LimitpalError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    with _open(store_url, prefix) as store:
+        status = store.status(key)
+        known = sorted({*status.rates, *status.overrides})
+        if limit_id is None:
+            if len(known) != 1:
+                hint = ", ".join(known) if known else "none yet (no task has used it)"
+                raise click.UsageError(f"{key} has limits: {hint}; pick one with --limit")
+            limit_id = known[0]
+        store.override(key, limit_id, parsed, burst, seconds)
+        if parsed is None:
+            click.echo(f"{key}: override of {_limit_text(limit_id)} lifted")
+        else:
+            until = "until lifted" if seconds is None else f"for {seconds:g}s"
+            click.echo(f"{key}: {_limit_text(limit_id)} now runs at {rate} burst {burst}, {until}")
+
+
 @main.group()
 def dead() -> None:
     """Dead letters: tasks that exhausted their attempts, deferrals or deadline."""
@@ -180,35 +369,68 @@ def dead_show(letter_id: str, store_url: str, prefix: str) -> None:
 
 @dead.command("replay")
 @click.argument("letter_id")
+@click.option("--celery-app", "celery_app", default=None, help="The Celery app, as module:attribute.")
 @click.option(
-    "--celery-app",
-    "celery_app",
-    required=True,
-    help="The Celery app, as module:attribute (e.g. proj.celery:app).",
+    "--dramatiq-broker",
+    "dramatiq_broker",
+    default=None,
+    help="The module declaring the actors, and its broker as module:attribute (default attribute: broker).",
 )
 @_STORE
 @_PREFIX
-def dead_replay(letter_id: str, celery_app: str, store_url: str, prefix: str) -> None:
-    """Re-publish a dead-lettered Celery task, once, with its counters reset."""
-    from .integrations.celery import replay  # noqa: PLC0415 - needs celery, an optional extra
+def dead_replay(
+    letter_id: str, celery_app: str | None, dramatiq_broker: str | None, store_url: str, prefix: str
+) -> None:
+    """Publish a dead-lettered task again, once, with its counters reset."""
+    if (celery_app is None) == (dramatiq_broker is None):
+        raise click.UsageError("give --celery-app or --dramatiq-broker")
+    if celery_app is not None:
+        from .integrations.celery import replay as replay_celery  # noqa: PLC0415 - an optional extra
 
-    app = _load_object(celery_app)
+        app = _load_object(celery_app, "app", "--celery-app")
+
+        def publish(letter: DeadLetter) -> str:
+            return replay_celery(app, letter)
+    else:
+        from .integrations.dramatiq import replay as replay_dramatiq  # noqa: PLC0415 - an optional extra
+
+        broker = _load_object(str(dramatiq_broker), "broker", "--dramatiq-broker")
+
+        def publish(letter: DeadLetter) -> str:
+            return replay_dramatiq(broker, letter)  # type: ignore[arg-type]  # checked by Dramatiq
+
     with _open(store_url, prefix) as store:
         letter = store.take_dead(letter_id)  # atomic: a second replay finds nothing
         if letter is None:
             raise click.ClickException(f"no dead letter {letter_id!r} (already replayed?)")
-        task_id = replay(app, letter)
-        click.echo(f"replayed {letter.task_name} {letter.id} as task {task_id}")
+        try:
+            task_id = publish(letter)
+        except Exception:
+            store.put_dead(letter)  # not published: keep it for another try
+            raise
+        click.echo(f"replayed {letter.task_name} {letter.id} as {task_id}")
 
 
-def _load_object(path: str) -> object:
+@dead.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_STORE
+@_PREFIX
+def dead_purge(yes: bool, store_url: str, prefix: str) -> None:
+    """Delete every dead letter."""
+    if not yes:
+        click.confirm("Delete every dead letter?", abort=True)
+    with _open(store_url, prefix) as store:
+        click.echo(f"deleted {store.purge_dead()} dead letters")
+
+
+def _load_object(path: str, default: str, option: str) -> object:
     import importlib  # noqa: PLC0415
 
     module, _, attribute = path.partition(":")
     try:
-        return getattr(importlib.import_module(module), attribute or "app")
+        return getattr(importlib.import_module(module), attribute or default)
     except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(f"{path!r}: {exc}", param_hint="--celery-app") from exc
+        raise click.BadParameter(f"{path!r}: {exc}", param_hint=option) from exc
 
 
 @main.command()

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .integrations.dramatiq import ActorConfigurationError, Cooldown, LimitpalMiddleware, install
+from .integrations.dramatiq import ActorConfigurationError, Cooldown, LimitpalMiddleware, install, replay
 
-__all__ = ["ActorConfigurationError", "Cooldown", "LimitpalMiddleware", "install"]
+__all__ = ["ActorConfigurationError", "Cooldown", "LimitpalMiddleware", "install", "replay"]

@@ -215,7 +215,7 @@ _weighted: list[st.SearchStrategy[Operation]] = [
     st.builds(SpendRetry, st.sampled_from([0, 3]), tenants),
     *[
         st.builds(
-            lambda pair, rate, burst, seconds: Override(*pair, rate, burst, seconds),
+            lambda pair, rate, burst, seconds: Override(pair[0], pair[1], rate, burst, seconds),
             st.sampled_from(LIMITS),
             st.sampled_from([None, "1/s", "8/s", "90/m"]),
             st.integers(1, 3),

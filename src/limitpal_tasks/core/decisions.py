@@ -222,3 +222,5 @@ class KeyStatus:
     """Operator rate overrides in force, by limit id."""
     policy: str | None = None
     """The policy that last asked for an admission under this key."""
+    at: float | None = None
+    """The store's time of this snapshot (what ``open_until`` and the schedules compare to)."""

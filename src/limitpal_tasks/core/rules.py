@@ -561,6 +561,7 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
             rates=_booked(state),
             overrides=overrides,
             policy=state.policy,
+            at=now,
         )
     shown: BreakerState = breaker.state
     if shown == "open" and now >= breaker.open_until:
@@ -580,4 +581,5 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
         rates=_booked(state),
         overrides=overrides,
         policy=state.policy,
+        at=now,
     )

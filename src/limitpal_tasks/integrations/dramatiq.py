@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import dramatiq
 from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 
+from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred, Outcome, Ticket
 from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
@@ -40,7 +41,7 @@ from ..core.store import Store
 from ..errors import ConfigurationError, Cooldown
 from ._runtime import HEADER, Runtime, Settings, dead_letter, state_header
 
-__all__ = ["ActorConfigurationError", "Cooldown", "LimitpalMiddleware", "install"]
+__all__ = ["ActorConfigurationError", "Cooldown", "LimitpalMiddleware", "install", "replay"]
 
 log = logging.getLogger("limitpal_tasks.dramatiq")
 
@@ -303,3 +304,23 @@ def install(broker: dramatiq.Broker, middleware: LimitpalMiddleware) -> Limitpal
     has_retries = any(isinstance(m, Retries) for m in broker.middleware)
     broker.add_middleware(middleware, after=Retries if has_retries else None)
     return middleware
+
+
+# Options that describe one run of a message, not the task: a replay starts without them.
+_RUN_OPTIONS = frozenset(
+    {HEADER, "retries", "max_retries", "min_backoff", "max_backoff", "traceback", "eta", "redis_message_id"}
+)
+
+
+def replay(broker: dramatiq.Broker, letter: DeadLetter) -> str:
+    """Enqueue a dead-lettered message again, with fresh deferral and retry counters; its new id.
+
+    The actor must be declared on ``broker`` (import the module that declares it first).
+    """
+    actor = broker.get_actor(letter.task_name)
+    options = {k: v for k, v in letter.headers.items() if k not in _RUN_OPTIONS}
+    message = broker.enqueue(
+        actor.message_with_options(args=tuple(letter.args), kwargs=dict(letter.kwargs), **options)
+    )
+    log.info("replayed dead letter %s of %s as %s", letter.id, letter.task_name, message.message_id)
+    return str(message.message_id)

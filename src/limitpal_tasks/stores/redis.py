@@ -808,6 +808,7 @@ class RedisStore:
                     if k.startswith("o:") and (override := _override(v)).active(at)
                 },
                 policy=data.get("po"),
+                at=at,
             )
 
         return self._parse("status", parse)
