@@ -163,7 +163,7 @@ def _table(statuses: list[KeyStatus]) -> str:
                 status.key,
                 status.breaker,
                 failures,
-                _until(status.open_until, at),
+                _until(status.open_until if status.breaker == "open" else None, at),
                 "; ".join(rates) or "-",
                 in_flight,
                 paused,
@@ -382,12 +382,15 @@ def dead_replay(
     letter_id: str, celery_app: str | None, dramatiq_broker: str | None, store_url: str, prefix: str
 ) -> None:
     """Publish a dead-lettered task again, once, with its counters reset."""
-    if (celery_app is None) == (dramatiq_broker is None):
+    own_app = click.get_current_context().find_root().obj  # the app, under `celery -A proj limitpal`
+    if celery_app is not None and dramatiq_broker is not None:
+        raise click.UsageError("give --celery-app or --dramatiq-broker, not both")
+    if celery_app is None and dramatiq_broker is None and own_app is None:
         raise click.UsageError("give --celery-app or --dramatiq-broker")
-    if celery_app is not None:
+    if dramatiq_broker is None:
         from .integrations.celery import replay as replay_celery  # noqa: PLC0415 - an optional extra
 
-        app = _load_object(celery_app, "app", "--celery-app")
+        app = own_app if celery_app is None else _load_object(celery_app, "app", "--celery-app")
 
         def publish(letter: DeadLetter) -> str:
             return replay_celery(app, letter)
@@ -442,3 +445,36 @@ def demo(broker: str | None, store: str | None, timeout: float) -> None:
     from .demo import run_demo  # noqa: PLC0415 - needs celery, an optional extra
 
     raise SystemExit(run_demo(broker or None, store or None, timeout))
+
+
+def _defaults(group: click.Group, values: dict[str, Any]) -> dict[str, Any]:
+    """A click ``default_map`` giving ``values`` to every command of ``group`` that takes them."""
+    out: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            given = _defaults(command, values)
+        else:
+            names = {param.name for param in command.params}
+            given = {k: v for k, v in values.items() if k in names}
+        if given:  # a command without these options gets no entry (`version` is also a flag)
+            out[name] = given
+    return out
+
+
+@click.command(
+    "limitpal",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def celery_command(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """limitpal-tasks with this app's store: ``celery -A proj limitpal status``."""
+    from .integrations._runtime import Settings  # noqa: PLC0415
+
+    app = ctx.obj.app
+    try:
+        settings = Settings.from_mapping(app.conf)
+    except LimitpalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    defaults = _defaults(main, {"store_url": settings.store_url, "prefix": settings.key_prefix})
+    main.main(args=list(args), prog_name="celery limitpal", default_map=defaults, obj=app)

@@ -336,3 +336,34 @@ def test_the_installed_command_runs_in_a_subprocess(store: RedisStore) -> None:
     assert result.returncode == 0, result.stderr
     (status,) = json.loads(result.stdout)
     assert (status["key"], status["pause_reason"]) == ("tenant:acme", "operator")
+
+
+def test_celery_limitpal_subcommand_uses_the_apps_store(store: RedisStore, tmp_path: Path) -> None:
+    """``celery -A proj limitpal status`` reads the store URL and prefix from the app's settings."""
+    store.pause("tenant:acme", 60, "operator")
+    (tmp_path / "limitpal_cli_proj.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('proj', broker='memory://')\n"
+        f"app.conf.limitpal_store_url = {URL!r}\n"
+        f"app.conf.limitpal_key_prefix = {PREFIX!r}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIMITPAL_")}
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("celery")),
+            "-A",
+            "limitpal_cli_proj",
+            "limitpal",
+            "status",
+            "--json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (status,) = json.loads(result.stdout)
+    assert (status["key"], status["pause_reason"]) == ("tenant:acme", "operator")
