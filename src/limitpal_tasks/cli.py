@@ -147,7 +147,9 @@ def _table(statuses: list[KeyStatus]) -> str:
             if row["booked_ahead"]:
                 rates.append(f"{row['limit']}{mark}: {row['booked_ahead']} booked ahead")
             else:
-                rates.append(f"{row['limit']}{mark}: {row['tokens']} tokens")
+                rates.append(
+                    f"{row['limit']}{mark}: {row['tokens']} token{'' if row['tokens'] == 1 else 's'}"
+                )
         failures = f"{status.failures}/{status.calls}" if status.calls else "-"
         if status.calls:
             failures += f" ({100 * status.failures / status.calls:.0f}%)"
