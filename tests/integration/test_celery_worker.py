@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -431,6 +432,41 @@ def test_deferral_limit_dead_letters_the_task_and_fails_it(harness: Harness) -> 
     assert [(f["id"], f["exc_type"]) for f in harness.records("failures")] == [
         (result.id, "DeferralLimitExceeded")
     ]
+
+
+def test_dead_letter_replayed_from_the_cli_runs_exactly_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dead replay` re-publishes a dead letter: a real worker runs it once; a second replay finds nothing."""
+    from click.testing import CliRunner
+
+    from limitpal_tasks.cli import main
+
+    key = "service:ledger"
+    harness.store.force(key, "forced_open")
+    harness.start_worker("prefork", concurrency=2)
+    dead = harness.send(config.STRICT_TASK, "ledger", 7)
+    harness.get(dead, propagate=False)
+    harness.wait_settled([dead.id])
+    harness.store.reset(key)
+    module = types.ModuleType("limitpal_replay_client")
+    module.app = harness.client  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    replay = ["dead", "replay", dead.id, "--celery-app", module.__name__, "--store", STORE_URL]
+    replay += ["--prefix", harness.prefix]
+
+    first = CliRunner().invoke(main, replay)
+    assert first.exit_code == 0, first.output
+    replayed_id = first.output.split()[-1]
+    harness.wait_settled([replayed_id])
+    second = CliRunner().invoke(main, replay)
+
+    assert second.exit_code != 0
+    runs = harness.runs(config.STRICT_TASK)
+    assert [(r["id"], r["service"], r["n"]) for r in runs] == [(replayed_id, "ledger", 7)]
+    assert harness.dead_letters() == []
+    harness.stop_workers()
+    assert harness.queue_size() == 0
 
 
 @pytest.mark.parametrize("harness", REDIS_ONLY, indirect=True)

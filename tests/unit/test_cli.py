@@ -12,7 +12,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -274,14 +274,19 @@ def test_dead_purge_deletes_every_letter(store: RedisStore) -> None:
     assert store.list_dead() == []
 
 
-def test_dead_replay_enqueues_a_dramatiq_message_once(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """dead replay --dramatiq-broker enqueues the message on a real Redis broker once, counters reset."""
+def test_dead_replay_runs_a_dramatiq_message_once(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dead replay --dramatiq-broker: a worker on a real Redis broker runs it once, counters reset."""
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
     broker = RedisBroker(url=URL, namespace="cli-replay")  # type: ignore[no-untyped-call]
+    calls: list[tuple[tuple[object, ...], dict[str, object], dict[str, object]]] = []
+
+    class Capture(dramatiq.Middleware):
+        def before_process_message(self, broker: Any, message: Any) -> None:
+            calls.append((tuple(message.args), dict(message.kwargs), dict(message.options)))
+
+    broker.add_middleware(Capture())
     dramatiq.actor(broker=broker, actor_name="proj.notify", queue_name="cli-replay")(lambda *a, **k: None)
     module = types.ModuleType("limitpal_cli_replay_actors")
     module.broker = broker  # type: ignore[attr-defined]
@@ -313,16 +318,21 @@ def test_dead_replay_enqueues_a_dramatiq_message_once(
             PREFIX,
         ],
     )
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        broker.join("cli-replay", timeout=10_000)
+        worker.join()
+    finally:
+        worker.stop()
 
     assert "replayed proj.notify d1" in output
     assert again.exit_code != 0
-    ids = store.client.lrange("cli-replay:cli-replay", 0, -1)
-    assert len(ids) == 1, "enqueued exactly once"
-    message = json.loads(cast(bytes, store.client.hget("cli-replay:cli-replay.msgs", ids[0])))
-    assert (message["args"], message["kwargs"]) == (["acme"], {"n": 2})
-    assert message["options"].get("retries", 0) == 0
-    assert "max_retries" not in message["options"]
-    assert message["options"]["priority"] == 3
+    assert [(args, kwargs) for args, kwargs, _ in calls] == [(("acme",), {"n": 2})], "ran exactly once"
+    options = calls[0][2]
+    assert options.get("retries", 0) == 0
+    assert "max_retries" not in options
+    assert options["priority"] == 3
 
 
 def test_the_installed_command_runs_in_a_subprocess(store: RedisStore) -> None:
