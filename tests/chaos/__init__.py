@@ -1,0 +1,1 @@
+"""Chaos tests: real servers and real worker processes, killed, stalled and restarted."""
