@@ -179,7 +179,7 @@ def test_the_asyncio_client_fails_one_call_at_most_after_a_restart(server: Redis
 def test_workers_ride_through_a_flush_and_a_restart_of_the_store(
     recorder: RedisServer, tmp_path: Path, record_property: RecordProperty
 ) -> None:
-    """Workers keep running every job once across a flush and a restart; a forced-open breaker comes back closed."""
+    """Workers run every job once across a flush and a restart; a forced-open breaker comes back closed."""
     with RedisServer.running_server() as broker, RedisServer.running_server() as store_server:
         chaos = Chaos(
             tmp_path, broker_url=broker.url(), store_url=store_server.url(), recorder_url=recorder.url()
