@@ -1,0 +1,207 @@
+"""Run the scenario benchmarks: ``make scenarios`` or ``cd benchmarks && python -m scenarios``.
+
+Options: ``--quick`` (short smoke sizes), ``--only NAME`` (repeatable), ``--framework
+celery|dramatiq`` (repeatable), ``--serial`` (run limitpal and the baseline one after the
+other instead of side by side), ``--no-readme``. Writes ``benchmarks/results/<scenario>.json``,
+``<scenario>.png``, ``scenarios.json``, prints the tables, and (full runs) regenerates the
+README's "Why" section. Raw events stay under ``benchmarks/results/scenarios-raw/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import math
+import platform
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from .definitions import (
+    BACKOFF,
+    BACKOFF_MAX,
+    CELERY_MAX_RETRIES,
+    DRAMATIQ_MAX_RETRIES,
+    SCENARIOS,
+    Scenario,
+    scenarios,
+)
+from .harness import BROKER_URL, STORE_URL, RunData, RunPlan, flush, run_side_by_side
+from .plots import plot
+from .recorder import WorkerSpec
+from .report import headline_rows, print_details, print_headline, write_readme
+from .workers import BENCH, stop_all
+
+RESULTS = BENCH / "results"
+RAW = RESULTS / "scenarios-raw"
+VARIANTS = ("limitpal", "baseline")
+FRAMEWORKS = ("celery", "dramatiq")
+
+
+def plan(scenario: Scenario, framework: str, variant: str, round_: int = 0) -> RunPlan:
+    limitpal = variant == "limitpal"
+    tag = f"{framework}-{variant}"
+    rate = scenario.rate  # Celery: rate_limit of the one worker instance; Dramatiq: per tenant
+    events = RAW / scenario.name / (tag if not round_ else f"{tag}-r{round_}")
+    spec = WorkerSpec(
+        framework=framework,
+        variant=variant,
+        queue=f"scn-{scenario.name}-{tag}",
+        events_dir=str(events),
+        broker_url=BROKER_URL,
+        store_url=STORE_URL,
+        key_prefix=f"scn-{tag}",
+        upstream_prefix=None if scenario.noop else f"up-{tag}",
+        policy=scenario.policy if limitpal else None,
+        rate=None if limitpal else rate,
+        max_retries=CELERY_MAX_RETRIES if framework == "celery" else DRAMATIQ_MAX_RETRIES,
+        backoff=BACKOFF,
+        backoff_max=BACKOFF_MAX,
+    )
+    events.mkdir(parents=True, exist_ok=True)
+    return RunPlan(
+        scenario=scenario.name,
+        spec=spec,
+        processes=scenario.processes,
+        threads=scenario.threads,
+        load=scenario.load,
+        timeout=scenario.timeout,
+        quota=scenario.quota,
+        outage=scenario.outage,
+        preload=scenario.preload,
+    )
+
+
+def run_scenario(scenario: Scenario, frameworks: list[str], serial: bool) -> dict[str, dict[str, RunData]]:
+    runs: dict[str, dict[str, RunData]] = {}
+    for framework in frameworks:
+        print(f"  {framework}", flush=True)
+        if scenario.side_by_side and not serial:
+            found = run_side_by_side([plan(scenario, framework, v) for v in VARIANTS])
+            runs[framework] = {run.plan.spec.variant: run for run in found}
+            continue
+        best: dict[str, RunData] = {}
+        for round_ in range(scenario.rounds):
+            for variant in VARIANTS:
+                (run,) = run_side_by_side([plan(scenario, framework, variant, round_)])
+                if variant not in best or _throughput(run) > _throughput(best[variant]):
+                    best[variant] = run
+        runs[framework] = best
+    return runs
+
+
+def _throughput(run: RunData) -> float:
+    starts = [float(e["t"]) for e in run.of("start")]
+    ends = [float(e["t"]) for e in run.of("end")]
+    return len(ends) / (max(ends) - min(starts)) if starts and ends and max(ends) > min(starts) else 0.0
+
+
+def analyse(scenario: Scenario, runs: dict[str, dict[str, RunData]]) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for framework, variants in runs.items():
+        out[framework] = {}
+        for variant, run in variants.items():
+            metrics = scenario.analyse(run, scenario)
+            out[framework][variant] = {
+                "metrics": metrics,
+                "accounting": {**vars(run.accounting), "balanced": run.accounting.balanced},
+                "nothing_lost": run.accounting.summary(),
+                "timed_out": run.timed_out,
+                "worker_exits": run.worker_exits,
+                "workers": {"processes": run.plan.processes, "threads": run.plan.threads},
+                "policy": run.plan.spec.policy,
+                "baseline_rate": run.plan.spec.rate,
+                "max_retries": run.plan.spec.max_retries if variant == "baseline" else None,
+            }
+        if scenario.name == "overhead" and {"limitpal", "baseline"} <= set(out[framework]):
+            plain = out[framework]["baseline"]["metrics"].get("tasks_per_s") or math.nan
+            for variant in out[framework]:
+                tps = out[framework][variant]["metrics"].get("tasks_per_s") or math.nan
+                out[framework][variant]["metrics"]["throughput_ratio"] = tps / plain
+    return out
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else "inf"
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scenarios", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short smoke sizes (no README update)")
+    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenarios")
+    parser.add_argument("--framework", action="append", choices=FRAMEWORKS, help="run only these frameworks")
+    parser.add_argument("--serial", action="store_true", help="limitpal and baseline one after the other")
+    parser.add_argument("--no-readme", action="store_true", help="do not regenerate README's Why section")
+    args = parser.parse_args(argv)
+
+    atexit.register(stop_all)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop_all()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    frameworks = args.framework or list(FRAMEWORKS)
+    chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
+    RESULTS.mkdir(exist_ok=True)
+    started = time.time()
+    summary: dict[str, Any] = {}
+    all_rows: list[list[str]] = []
+    try:
+        for scenario in chosen:
+            print(f"== {scenario.name}: {scenario.describe}", flush=True)
+            t = time.time()
+            runs = run_scenario(scenario, frameworks, args.serial)
+            results = analyse(scenario, runs)
+            print_details(scenario, results)
+            rows = headline_rows(scenario, results, frameworks)
+            all_rows.extend(rows)
+            payload = {
+                "scenario": scenario.name,
+                "title": scenario.title,
+                "describe": scenario.describe,
+                "quick": args.quick,
+                "side_by_side": scenario.side_by_side and not args.serial,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.time() - t, 1),
+                "results": results,
+            }
+            (RESULTS / f"{scenario.name}.json").write_text(json.dumps(_clean(payload), indent=2) + "\n")
+            plot(scenario, runs, RESULTS / f"{scenario.name}.png")
+            summary[scenario.name] = payload
+    finally:
+        stop_all()
+        flush()
+    elapsed = time.time() - started
+    print_headline(all_rows, frameworks)
+    print(f"\n{len(chosen)} scenario(s) in {elapsed:.0f} s; results in {RESULTS}")
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "seconds": round(elapsed, 1),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "frameworks": frameworks,
+        "headline": all_rows,
+    }
+    (RESULTS / "scenarios.json").write_text(json.dumps(_clean(meta), indent=2) + "\n")
+    full = not args.quick and not args.only and not args.framework and not args.serial
+    if full and not args.no_readme:
+        write_readme(all_rows, frameworks, meta)
+        print("README.md: the Why section was regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
