@@ -11,11 +11,23 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .core.clock import Clock, MockClock, MonotonicClock
 from .core.deadletter import DeadLetter
-from .core.decisions import Admitted, Decision, Deferred, KeyStatus, Outcome, Ticket, Transition
+from .core.decisions import (
+    AdaptiveStatus,
+    Admitted,
+    Decision,
+    Deferred,
+    KeyStatus,
+    Outcome,
+    RateChange,
+    RateOverride,
+    Ticket,
+    Transition,
+)
 from .core.events import HookRunner, Hooks
 from .core.keys import KeyTemplate, TaskContext
 from .core.pipeline import Pipeline, RetryDecision
 from .core.policy import (
+    AdaptiveRate,
     Breaker,
     Bulkhead,
     DeferPolicy,
@@ -45,6 +57,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "AdaptiveRate",
+    "AdaptiveStatus",
     "Admitted",
     "Breaker",
     "Bulkhead",
@@ -69,7 +83,9 @@ __all__ = [
     "Pipeline",
     "Policy",
     "Rate",
+    "RateChange",
     "RateLimit",
+    "RateOverride",
     "RetryBudget",
     "RetryBudgetExhausted",
     "RetryDecision",

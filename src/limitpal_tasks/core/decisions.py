@@ -10,6 +10,7 @@ from .policy import Breaker, Bulkhead, Policy, RateLimit, RetryBudget
 from .units import Rate, exact
 
 __all__ = [
+    "AdaptiveStatus",
     "AdmitRequest",
     "Admitted",
     "BreakerState",
@@ -20,6 +21,7 @@ __all__ = [
     "GroupResult",
     "KeyStatus",
     "Outcome",
+    "RateChange",
     "RateOverride",
     "RecordResult",
     "Ticket",
@@ -150,14 +152,16 @@ class Outcome:
     kind: OutcomeKind
     duration: float | None = None
     retry_after: float = 0.0
+    overload: bool = False
+    """The upstream said it is overloaded (an adaptive rate limit's signal): cut the rate."""
 
     @classmethod
     def success(cls, duration: float | None = None) -> Outcome:
         return cls("success", duration)
 
     @classmethod
-    def failure(cls, duration: float | None = None) -> Outcome:
-        return cls("failure", duration)
+    def failure(cls, duration: float | None = None, *, overload: bool = False) -> Outcome:
+        return cls("failure", duration, overload=overload)
 
     @classmethod
     def ignored(cls, duration: float | None = None) -> Outcome:
@@ -175,6 +179,33 @@ class RecordResult:
     now: float
     transitions: tuple[Transition, ...] = ()
     recorded: bool = True
+    rate_changes: tuple[RateChange, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateChange:
+    """An adaptive rate limit changed its key's rate (calls per second), fleet-wide.
+
+    ``reason`` is ``"overload"`` for a cut, ``"increase"`` when successes raised the rate
+    by a tenth since the last change reported (increases are continuous; events are not).
+    """
+
+    policy: str
+    key: str
+    limit: str
+    from_rate: float
+    to_rate: float
+    at: float
+    reason: Literal["overload", "increase"]
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveStatus:
+    """An adaptive limit's state under one key: its rate now, and its last change."""
+
+    rate: float
+    previous: float
+    changed_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,5 +253,7 @@ class KeyStatus:
     """Operator rate overrides in force, by limit id."""
     policy: str | None = None
     """The policy that last asked for an admission under this key."""
+    adaptive: Mapping[str, AdaptiveStatus] = field(default_factory=dict)
+    """Adaptive rate limits' current rates, by limit id."""
     at: float | None = None
     """The store's time of this snapshot (what ``open_until`` and the schedules compare to)."""

@@ -24,7 +24,7 @@ from typing import Literal
 from ..errors import ConfigurationError
 from .clock import Clock, MonotonicClock
 from .deadletter import DeadLetter
-from .decisions import Decision, Deferred, Transition
+from .decisions import Decision, Deferred, RateChange, Transition
 from .keys import TaskContext
 
 __all__ = ["HookRunner", "Hooks", "StoreOperation", "hook_errors_total"]
@@ -59,6 +59,10 @@ class Hooks:
 
     def on_transition(self, transition: Transition) -> None:
         """A breaker changed state (emitted once fleet-wide, by the process that changed it)."""
+
+    def on_rate_change(self, change: RateChange) -> None:
+        """An adaptive rate limit cut its key's rate on overload, or successes raised it by a
+        tenth (emitted once fleet-wide, by the process whose record changed it)."""
 
     def on_decision(self, policy: str, decision: Decision) -> None:
         """Every admission decision, admitted or deferred."""
@@ -171,6 +175,24 @@ class HookRunner:
                     hook.on_transition(transition)
                 except Exception:
                     self._failed(hook, "on_transition")
+
+    def rate_change(self, changes: Sequence[RateChange]) -> None:
+        """Log and report adaptive rate changes."""
+        for change in changes:
+            log.info(
+                "rate %s [%s] %s: %.3g/s -> %.3g/s (%s)",
+                change.key,
+                change.policy,
+                change.limit,
+                change.from_rate,
+                change.to_rate,
+                change.reason,
+            )
+            for hook in self.hooks:
+                try:
+                    hook.on_rate_change(change)
+                except Exception:
+                    self._failed(hook, "on_rate_change")
 
     def decision(self, policy: str, decision: Decision) -> None:
         """Report an admission decision."""

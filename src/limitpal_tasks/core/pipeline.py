@@ -364,6 +364,8 @@ class Pipeline:
 
     def _recorded(self, result: RecordResult) -> None:
         self.hooks.transition(result.transitions)
+        if result.rate_changes:
+            self.hooks.rate_change(result.rate_changes)
 
     def _record_failed(self, ticket: Ticket, exc: StoreError) -> None:
         self.store_errors += 1
@@ -412,7 +414,7 @@ class Pipeline:
             return Outcome.cooldown(exc.retry_after, duration)
         if policy.classify(exc) == "ignore":
             return Outcome.ignored(duration)
-        return Outcome.failure(duration)
+        return Outcome.failure(duration, overload=bool(policy.rates) and policy.is_overload(exc))
 
     def retry(
         self,

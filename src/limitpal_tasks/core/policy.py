@@ -19,6 +19,7 @@ from .keys import KeySpec, KeyTemplate
 from .units import Duration, Rate, RateLike, exact, parse_duration
 
 __all__ = [
+    "AdaptiveRate",
     "Breaker",
     "Bulkhead",
     "DeferPolicy",
@@ -255,6 +256,98 @@ class Bulkhead:
         _set(self, "key", _key("bulkhead.key", key))
 
 
+_OVERLOAD_STATUS = frozenset({429, 503})
+
+
+def is_overload(exc: BaseException) -> bool:
+    """The default overload signal: a :class:`Cooldown`, or an error carrying HTTP 429 or 503.
+
+    The status is looked for where HTTP clients keep it: ``exc.status_code``,
+    ``exc.status``, or ``exc.response.status_code`` / ``.status`` (requests, httpx, aiohttp).
+    """
+    if isinstance(exc, Cooldown):
+        return True
+    response = getattr(exc, "response", None)
+    for holder in (exc, response):
+        for name in ("status_code", "status"):
+            status = getattr(holder, name, None)
+            if isinstance(status, int) and status in _OVERLOAD_STATUS:
+                return True
+    return False
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class AdaptiveRate:
+    """Let the fleet find an upstream's real capacity between ``floor`` and ``ceiling``.
+
+    The key's current rate lives in the store, shared by every worker. An overload signal
+    (a :class:`Cooldown`, an exception ``signal`` recognizes — by default HTTP 429/503 —
+    or, with ``slow``, a call at least that slow) cuts it, at most once per ``cooldown``:
+    to 95% of the successes per second measured over the last ``cooldown``, but never by
+    more than the factor ``decrease`` at once. Every success raises it by
+    ``increase / rate``, i.e. by ``increase`` calls/s per second of saturated success
+    (default: a 30th of ``ceiling - floor``). An operator's override pins the rate and
+    suspends adaptation until it expires.
+
+    >>> RateLimit("50/s", adaptive=AdaptiveRate(floor="5/s", ceiling="200/s")).adaptive.increase
+    6.5
+    """
+
+    floor: Rate
+    ceiling: Rate
+    decrease: float
+    increase: float
+    cooldown: float
+    slow: float | None
+    signal: Callable[[BaseException], bool]
+
+    def __init__(
+        self,
+        *,
+        floor: RateLike,
+        ceiling: RateLike,
+        decrease: float = 0.5,
+        increase: float | None = None,
+        cooldown: Duration = 1.0,
+        slow: Duration | None = None,
+        signal: Callable[[BaseException], bool] | Iterable[type[BaseException] | str] | None = None,
+    ) -> None:
+        _set(self, "floor", Rate.parse(floor, "rate_limit.adaptive.floor"))
+        _set(self, "ceiling", Rate.parse(ceiling, "rate_limit.adaptive.ceiling"))
+        if not self.ceiling.per_second > self.floor.per_second:
+            raise ConfigurationError(
+                "rate_limit.adaptive.ceiling", ceiling, f"expected a rate above floor ({floor})"
+            )
+        factor = _number("rate_limit.adaptive.decrease", decrease, low=0, high=1, low_open=True)
+        if factor == 1:
+            raise ConfigurationError(
+                "rate_limit.adaptive.decrease", decrease, "expected a number > 0 and < 1"
+            )
+        _set(self, "decrease", factor)
+        if increase is None:
+            increase = (self.ceiling.per_second - self.floor.per_second) / 30
+        _set(self, "increase", _number("rate_limit.adaptive.increase", increase, low=0, low_open=True))
+        _set(self, "cooldown", parse_duration("rate_limit.adaptive.cooldown", cooldown, allow_zero=False))
+        _set(
+            self,
+            "slow",
+            None if slow is None else parse_duration("rate_limit.adaptive.slow", slow, allow_zero=False),
+        )
+        if signal is None:
+            signal = is_overload
+        elif not callable(signal) or isinstance(signal, type):
+            types = _exception_types("rate_limit.adaptive.signal", signal)
+
+            def signal(exc: BaseException, types: ExceptionTypes = types) -> bool:
+                return isinstance(exc, types)
+
+        _set(self, "signal", signal)
+
+    def clamp(self, per_second: float) -> float:
+        """``per_second`` within ``[floor, ceiling]``."""
+        return min(max(per_second, self.floor.per_second), self.ceiling.per_second)
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class RateLimit:
     """A GCRA rate limit per key: ``RateLimit("100/s", burst=10)``.
@@ -271,6 +364,7 @@ class RateLimit:
     reserve_ahead: float
     grace: float
     key: KeyTemplate | None
+    adaptive: AdaptiveRate | None
     interval: float
     slot_id: str
     exec_id: str
@@ -283,12 +377,25 @@ class RateLimit:
         reserve_ahead: Duration = 60.0,
         grace: Duration = 60.0,
         key: KeySpec | None = None,
+        adaptive: AdaptiveRate | Mapping[str, Any] | None = None,
     ) -> None:
         _set(self, "rate", Rate.parse(rate, "rate_limit.rate"))
         _set(self, "burst", int(_number("rate_limit.burst", burst, low=1, integer=True)))
         _set(self, "reserve_ahead", parse_duration("rate_limit.reserve_ahead", reserve_ahead))
         _set(self, "grace", parse_duration("rate_limit.grace", grace))
         _set(self, "key", _key("rate_limit.key", key))
+        if isinstance(adaptive, Mapping):
+            adaptive = _build(AdaptiveRate, "rate_limit.adaptive", adaptive)
+        if adaptive is not None:
+            if not isinstance(adaptive, AdaptiveRate):
+                raise ConfigurationError("rate_limit.adaptive", adaptive, "expected an AdaptiveRate")
+            if adaptive.clamp(self.rate.per_second) != self.rate.per_second:
+                raise ConfigurationError(
+                    "rate_limit.rate",
+                    rate,
+                    "expected the starting rate within the adaptive floor and ceiling",
+                )
+        _set(self, "adaptive", adaptive)
         # Derived once: the GCRA emission interval, and the name of this limit's state
         # under a key (two limits of one key never share it).
         _set(self, "interval", self.rate.interval)
@@ -534,6 +641,15 @@ class Policy:
 
     # -- keys -----------------------------------------------------------------
 
+    @property
+    def adaptive(self) -> tuple[AdaptiveRate, ...]:
+        """The adaptive settings of this policy's rate limits (empty: none adapts)."""
+        return tuple(limit.adaptive for limit in self.rates if limit.adaptive is not None)
+
+    def is_overload(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is an overload signal for any of this policy's adaptive limits."""
+        return any(adaptive.signal(exc) for adaptive in self.adaptive)
+
     def key_templates(self) -> dict[str, KeyTemplate]:
         """Every key template in use, by the component it scopes."""
         out = {"policy": self.key}
@@ -692,7 +808,10 @@ def _build(cls: Callable[..., _T], where: str, value: object) -> _T:
     try:
         return cls(*args, **data)
     except ConfigurationError as exc:
-        leaf = exc.field.split(".")[-1]
+        parts = exc.field.split(".")
+        leaf = parts[-1]
+        if "adaptive" in parts[:-1] and not where.endswith(".adaptive"):  # built inside the RateLimit
+            leaf = "adaptive." + leaf
         raise ConfigurationError(f"{where}.{leaf}", exc.value, exc.expected) from None
     except TypeError as exc:
         raise ConfigurationError(

@@ -10,24 +10,29 @@ arguments.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from .decisions import (
+    AdaptiveStatus,
     BreakerState,
     DeferReason,
     Group,
     GroupResult,
     KeyStatus,
     Outcome,
+    RateChange,
     RateOverride,
     Transition,
 )
-from .policy import Breaker, RateLimit, RetryBudget
+from .policy import AdaptiveRate, Breaker, RateLimit, RetryBudget
 
 __all__ = [
     "EARLY_TOLERANCE",
+    "AdaptiveData",
     "BreakerData",
     "BudgetData",
     "KeyState",
+    "adapt_rates",
     "admit_group",
     "force_breaker",
     "record_group",
@@ -160,10 +165,56 @@ class BudgetData:
         return max(0.0, 1.0 - (now - self.start) / window)
 
 
+GOODPUT_MARGIN = 0.95
+"""An overload cut aims this far below the successes per second just measured."""
+GOODPUT_WINDOW = 1.0
+"""Seconds over which successes are counted to measure the upstream's goodput."""
+REPORT_STEP = 1.1
+"""An increase is reported (an event) once the rate grew by this factor since the last report."""
+
+
+class AdaptiveData:
+    """One adaptive limit's learned rate under one key, and the successes it measures."""
+
+    __slots__ = ("bucket", "changed_at", "count", "cut_at", "last", "previous", "rate", "reported")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate  # calls per second
+        self.reported = rate  # the rate the last event announced
+        self.previous = rate  # the rate before the last change
+        self.changed_at = 0.0  # when an event last announced a change
+        self.cut_at = 0.0  # when the last cut happened (at most one per cooldown)
+        self.bucket = 0.0  # start of the current measuring bucket (GOODPUT_WINDOW long)
+        self.count = 0  # successes in it
+        self.last = 0  # successes in the bucket before
+
+    def roll(self, now: float) -> None:
+        if now < self.bucket + GOODPUT_WINDOW:
+            return
+        self.last = self.count if now < self.bucket + 2 * GOODPUT_WINDOW else 0
+        self.count = 0
+        self.bucket = math.floor(now / GOODPUT_WINDOW) * GOODPUT_WINDOW
+
+    def goodput(self, now: float) -> float:
+        """Successes per second over the last second (the previous bucket weighted)."""
+        weight = max(0.0, 1.0 - (now - self.bucket) / GOODPUT_WINDOW)
+        return (self.last * weight + self.count) / GOODPUT_WINDOW
+
+
 class KeyState:
     """Everything kept under one key."""
 
-    __slots__ = ("breaker", "budget", "leases", "overrides", "pause_reason", "paused_until", "policy", "tats")
+    __slots__ = (
+        "adaptive",
+        "breaker",
+        "budget",
+        "leases",
+        "overrides",
+        "pause_reason",
+        "paused_until",
+        "policy",
+        "tats",
+    )
 
     def __init__(self) -> None:
         self.paused_until = 0.0
@@ -173,6 +224,7 @@ class KeyState:
         self.tats: dict[str, float] = {}
         self.budget: BudgetData | None = None
         self.overrides: dict[str, RateOverride] = {}
+        self.adaptive: dict[str, AdaptiveData] = {}
         self.policy: str | None = None
 
     def horizon(self) -> float:
@@ -310,9 +362,9 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
     Returns the deferral, or (all conform, now consumed) per limit the reserved slot the
     execution used, ``0.0`` where it took a fresh slot.
     """
-    rates: tuple[RateLimit | _Overridden, ...] = group.rates
-    if state.overrides:
-        rates = tuple(_effective(limit, state.overrides.get(limit.slot_id), now) for limit in group.rates)
+    rates: tuple[RateLimit | _Effective, ...] = group.rates
+    if state.overrides or state.adaptive:
+        rates = tuple(_effective(state, limit, now) for limit in group.rates)
     tats = state.tats
     if not group.reservations and len(rates) == 1:  # the common case, same arithmetic as below
         limit = rates[0]
@@ -376,21 +428,26 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
     return _defer(now, "rate_limited", target - now, reservations=booked_slots)
 
 
-class _Overridden:
-    """A limit with an operator's rate and burst, on the limit's own schedule."""
+class _Effective:
+    """A limit at the rate it runs at now (an override's, or an adaptive one), on its own schedule."""
 
     __slots__ = ("burst", "exec_id", "grace", "interval", "reserve_ahead", "slot_id")
 
-    def __init__(self, limit: RateLimit, override: RateOverride) -> None:
+    def __init__(self, limit: RateLimit, interval: float, burst: int) -> None:
         self.slot_id, self.exec_id = limit.slot_id, limit.exec_id
         self.grace, self.reserve_ahead = limit.grace, limit.reserve_ahead
-        self.interval, self.burst = override.interval, override.burst
+        self.interval, self.burst = interval, burst
 
 
-def _effective(limit: RateLimit, override: RateOverride | None, now: float) -> RateLimit | _Overridden:
-    if override is None or not override.active(now):
-        return limit
-    return _Overridden(limit, override)
+def _effective(state: KeyState, limit: RateLimit, now: float) -> RateLimit | _Effective:
+    override = state.overrides.get(limit.slot_id)
+    if override is not None and override.active(now):
+        return _Effective(limit, override.interval, override.burst)
+    adaptive = limit.adaptive
+    learned = state.adaptive.get(limit.slot_id)
+    if adaptive is not None and learned is not None:
+        return _Effective(limit, 1.0 / adaptive.clamp(learned.rate), limit.burst)
+    return limit
 
 
 def set_override(state: KeyState, slot_id: str, override: RateOverride | None) -> None:
@@ -413,7 +470,7 @@ def release_group(state: KeyState, group: Group, ticket_id: str, admitted: Group
         state.breaker.probes.pop(ticket_id, None)
     tats = state.tats
     for configured, slot in zip(group.rates, admitted.reservations):
-        limit = _effective(configured, state.overrides.get(configured.slot_id), admitted.now)
+        limit = _effective(state, configured, admitted.now)
         if limit.exec_id in tats:
             tats[limit.exec_id] -= limit.interval
         if slot == 0.0 and limit.slot_id in tats:
@@ -477,6 +534,79 @@ def record_group(
     if breaker.trips(config):
         return True, (_open(breaker, config, group.key, policy, now, rand, "closed"),)
     return True, ()
+
+
+def adapt_rates(
+    state: KeyState,
+    group: Group,
+    outcome: Outcome,
+    admitted_at: float,
+    duration: float,
+    policy: str,
+    now: float,
+) -> tuple[RateChange, ...]:
+    """Feed a recorded outcome to the group's adaptive limits: cut on overload, creep up on success.
+
+    Called only for an outcome that was recorded (a live lease), so a duplicate or late
+    record changes nothing. An overload answer to a call admitted before the last cut is
+    old news and cuts nothing. A limit pinned by an operator's override does not adapt.
+    """
+    changes: tuple[RateChange, ...] = ()
+    for limit in group.rates:
+        config = limit.adaptive
+        if config is None:
+            continue
+        override = state.overrides.get(limit.slot_id)
+        if override is not None and override.active(now):
+            continue
+        overload = (
+            outcome.kind == "cooldown"
+            or outcome.overload
+            or (config.slow is not None and outcome.kind == "success" and duration >= config.slow)
+        )
+        if not overload and outcome.kind != "success":
+            continue
+        data = state.adaptive.get(limit.slot_id)
+        if data is None:
+            data = state.adaptive[limit.slot_id] = AdaptiveData(config.clamp(limit.rate.per_second))
+        if overload and admitted_at < data.cut_at:
+            continue
+        data.rate = config.clamp(data.rate)  # the policy's bounds may have changed
+        data.roll(now)
+        change = _adapt(data, config, overload, now)
+        if change is not None:
+            changes += (RateChange(policy, group.key, limit.slot_id, change[0], change[1], now, change[2]),)
+    return changes
+
+
+def _adapt(
+    data: AdaptiveData, config: AdaptiveRate, overload: bool, now: float
+) -> tuple[float, float, Literal["overload", "increase"]] | None:
+    if not overload:
+        data.count += 1
+        if now - data.cut_at < config.cooldown:
+            return None  # hold after a cut: let the upstream settle before probing upwards
+        data.rate = min(config.ceiling.per_second, data.rate + config.increase / data.rate)
+        if data.rate < data.reported * REPORT_STEP and data.rate < config.ceiling.per_second:
+            return None
+        if data.rate == data.reported:
+            return None
+        reason: Literal["overload", "increase"] = "increase"
+    else:
+        if now - data.cut_at < config.cooldown:
+            return None  # one burst of overload answers from many workers is one cut
+        measured = data.goodput(now) * GOODPUT_MARGIN
+        cut = max(
+            config.floor.per_second, data.rate * config.decrease, min(data.rate * GOODPUT_MARGIN, measured)
+        )
+        if cut >= data.rate:
+            return None  # already at the floor
+        data.rate = cut
+        data.cut_at = now
+        reason = "overload"
+    change = (data.reported, data.rate, reason)
+    data.previous, data.reported, data.changed_at = data.reported, data.rate, now
+    return change
 
 
 def _open(
@@ -551,6 +681,10 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
     leases = sum(1 for expiry in state.leases.values() if expiry > now)
     paused = state.paused_until if state.paused_until > now else None
     overrides = {slot: o for slot, o in state.overrides.items() if o.active(now)}
+    adaptive = {
+        slot: AdaptiveStatus(data.rate, data.previous, data.changed_at)
+        for slot, data in state.adaptive.items()
+    }
     if breaker is None:
         return KeyStatus(
             key,
@@ -560,6 +694,7 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
             pause_reason=state.pause_reason if paused else None,
             rates=_booked(state),
             overrides=overrides,
+            adaptive=adaptive,
             policy=state.policy,
             at=now,
         )
@@ -580,6 +715,7 @@ def status_of(state: KeyState, key: str, now: float) -> KeyStatus:
         pause_reason=state.pause_reason if paused else None,
         rates=_booked(state),
         overrides=overrides,
+        adaptive=adaptive,
         policy=state.policy,
         at=now,
     )

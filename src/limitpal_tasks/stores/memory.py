@@ -16,6 +16,7 @@ from ..core.decisions import (
     GroupResult,
     KeyStatus,
     Outcome,
+    RateChange,
     RateOverride,
     RecordResult,
     Ticket,
@@ -24,6 +25,7 @@ from ..core.decisions import (
 from ..core.policy import RetryBudget
 from ..core.rules import (
     KeyState,
+    adapt_rates,
     admit_group,
     force_breaker,
     record_group,
@@ -156,12 +158,14 @@ class MemoryStore:
     def record(self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float) -> RecordResult:
         now = self._now(now)
         transitions: tuple[Transition, ...] = ()
+        rate_changes: tuple[RateChange, ...] = ()
         recorded = False
         with self._lock:
             self._sweep(now)
             for group, generation in zip(ticket.groups, ticket.generations):
+                state = self._state(group.key, now)
                 done, changed = record_group(
-                    self._state(group.key, now),
+                    state,
                     group,
                     ticket.id,
                     generation,
@@ -173,7 +177,12 @@ class MemoryStore:
                 )
                 recorded = recorded or done
                 transitions += changed
-        return RecordResult(now, transitions, recorded)
+                if done and ticket.policy.adaptive:
+                    duration = outcome.duration if outcome.duration is not None else now - ticket.admitted_at
+                    rate_changes += adapt_rates(
+                        state, group, outcome, ticket.admitted_at, duration, ticket.policy.name, now
+                    )
+        return RecordResult(now, transitions, recorded, rate_changes)
 
     async def record_async(
         self, ticket: Ticket, outcome: Outcome, now: float | None, rand: float
