@@ -20,6 +20,7 @@ from limitpal_tasks import (
     Outcome,
     Pipeline,
     Policy,
+    Rate,
     RateChange,
     RateLimit,
     Store,
@@ -129,7 +130,7 @@ def test_rate_follows_capacity_down_and_up(pipeline: Pipeline, clock: MockClock)
 
 
 def test_a_burst_of_overload_answers_is_one_cut(pipeline: Pipeline, store: Store, clock: MockClock) -> None:
-    """Fifty 429s recorded within one cooldown cut the rate once (by at most ``decrease``), not fifty times."""
+    """Fifty 429s recorded at once cut the rate once (by at most ``decrease``), not fifty times."""
     bursty = POLICY.evolve(rate=RateLimit("100/s", burst=60, adaptive=ADAPTIVE))
     tickets = [admitted(pipeline.admit(bursty, CONTEXT)) for _ in range(50)]
     clock.advance(1.0)
@@ -160,7 +161,7 @@ def test_an_ordinary_failure_leaves_the_rate_alone(
 def test_successes_raise_the_rate_additively_up_to_the_ceiling(
     pipeline: Pipeline, store: Store, clock: MockClock
 ) -> None:
-    """Each success adds increase/rate: about ``increase`` calls/s per second at saturation, never past the ceiling."""
+    """Each success adds increase/rate: ``increase`` calls/s per second at saturation, up to the ceiling."""
     upstream = Upstream(clock, capacity=1000, at=clock.now())
     samples = drive(pipeline, upstream, clock, 5.0)
     assert rate_at(samples, clock.now() - 0.2) == pytest.approx(100 + 7 * 5, rel=0.1)
@@ -187,10 +188,7 @@ def test_an_override_pins_the_rate_and_suspends_adaptation(
     pipeline: Pipeline, store: Store, clock: MockClock
 ) -> None:
     """While an operator's override is in force, overload answers do not move the learned rate."""
-    store.override(KEY, LIMIT, None)  # nothing to lift: harmless
     ticket = admitted(pipeline.admit(POLICY, CONTEXT))
-    from limitpal_tasks import Rate
-
     store.override(KEY, LIMIT, Rate.parse("10/s"), seconds=60)
     clock.advance(1.0)
     pipeline.record(ticket, Outcome.failure(overload=True))
