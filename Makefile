@@ -35,3 +35,7 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist benchmarks/results
+
+.PHONY: scenarios
+scenarios: $(STAMP) services  # real workers, limitpal_tasks vs baselines; writes benchmarks/results/ and README's Why
+	cd benchmarks && timeout 900 ../$(PY) -m scenarios $(SCENARIO_ARGS)
