@@ -32,7 +32,7 @@ from .definitions import (
 from .harness import BROKER_URL, STORE_URL, RunData, RunPlan, flush, run_side_by_side
 from .plots import plot
 from .recorder import WorkerSpec
-from .report import headline_rows, print_details, print_headline, write_readme
+from .report import headline_rows, notes, print_details, print_headline, write_readme
 from .workers import BENCH, stop_all
 
 RESULTS = BENCH / "results"
@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         flush()
     elapsed = time.time() - started
     print_headline(all_rows, frameworks)
+    remarks = notes(summary)
+    for remark in remarks:
+        print(f"- {remark}")
     print(f"\n{len(chosen)} scenario(s) in {elapsed:.0f} s; results in {RESULTS}")
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -194,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "frameworks": frameworks,
         "headline": all_rows,
+        "notes": remarks,
     }
     (RESULTS / "scenarios.json").write_text(json.dumps(_clean(meta), indent=2) + "\n")
     full = not args.quick and not args.only and not args.framework and not args.serial
     if full and not args.no_readme:
-        write_readme(all_rows, frameworks, meta)
+        write_readme(all_rows, frameworks, meta, remarks)
         print("README.md: the Why section was regenerated")
     return 0
 

@@ -57,7 +57,8 @@ def _noisy(scenario: Scenario, framework: str, runs: dict[str, RunData], axes: l
         )
         finite = [v for v in latencies if math.isfinite(v)]
         share = [(i + 1) / len(latencies) for i in range(len(finite))]
-        top.step(finite, share, where="post", label=LABEL[variant], **STYLE[variant])
+        label = f"{LABEL[variant]} ({len(finite)} of {len(latencies)} done)"
+        top.step(finite, share, where="post", label=label, **STYLE[variant])
         ends = {
             tenant: [
                 run.finished[i][1] - run.t0

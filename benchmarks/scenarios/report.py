@@ -8,7 +8,7 @@ from typing import Any
 from .definitions import Scenario
 from .workers import BENCH
 
-__all__ = ["headline_rows", "print_details", "print_headline", "write_readme"]
+__all__ = ["headline_rows", "notes", "print_details", "print_headline", "write_readme"]
 
 README = BENCH.parent / "README.md"
 BEGIN = "<!-- scenarios:begin -->"
@@ -112,7 +112,32 @@ def markdown(rows: list[list[str]], frameworks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(rows: list[list[str]], frameworks: list[str], meta: dict[str, Any]) -> None:
+def notes(summary: dict[str, Any]) -> list[str]:
+    """What limits the figures, derived from the run: unfinished runs, and the known causes."""
+    out = []
+    for name, payload in summary.items():
+        for framework, variants in payload["results"].items():
+            for variant, result in variants.items():
+                accounting = result["accounting"]
+                if not accounting["balanced"]:
+                    done = accounting["succeeded"] + accounting["failed"] + accounting["dead_lettered"]
+                    out.append(
+                        f"{NAMES[framework]} {variant}, {name.replace('_', ' ')}: {done} of "
+                        f"{accounting['enqueued']} tasks finished before the run's time limit."
+                    )
+    if any("Celery baseline" in n for n in out):
+        out.append(
+            "Celery's `rate_limit` on the Redis transport releases about one task per second once "
+            "its prefetched messages are used (Celery and kombu 5.7; celery/celery#5927), so the "
+            "rate-limited Celery baselines do not finish in time; a 12-line app with only "
+            '`rate_limit="100/s"` shows the same.'
+        )
+    return out
+
+
+def write_readme(
+    rows: list[list[str]], frameworks: list[str], meta: dict[str, Any], remarks: list[str]
+) -> None:
     """Replace the text between the markers of README.md (adding the section if it is missing)."""
     body = "\n".join(
         [
@@ -122,7 +147,8 @@ def write_readme(rows: list[list[str]], frameworks: list[str], meta: dict[str, A
             "Real Celery and Dramatiq workers (Redis broker, `RedisStore`) against a simulated upstream "
             "whose health and per-tenant quotas follow a script. Each scenario runs limitpal_tasks and "
             "the baseline a user would otherwise pick side by side in one run: for Celery, the task's "
-            "`rate_limit` (per worker instance, so each instance gets its share) with `autoretry_for`, "
+            "`rate_limit` (enforced per worker instance; each run uses one `prefork -c N` instance) "
+            "with `autoretry_for`, "
             "`retry_backoff` and `retry_jitter`; for Dramatiq, a `BucketRateLimiter` per tenant with the "
             "`Retries` middleware. Targets apply to limitpal_tasks; the baselines are measured for "
             "comparison. Definitions, sizes and the raw figures: `benchmarks/scenarios/` and "
@@ -133,6 +159,8 @@ def write_readme(rows: list[list[str]], frameworks: list[str], meta: dict[str, A
             f"Measured {meta['when']} on a shared 2-core machine in {meta['seconds']:.0f} s "
             "(absolute numbers are noisy: re-run `make scenarios` on a quiet machine).",
             "",
+            *(f"- {remark}" for remark in remarks),
+            *([""] if remarks else []),
             "![Noisy neighbour: tenant B's latency and completions by tenant]"
             "(benchmarks/results/noisy_neighbour.png)",
             END,
