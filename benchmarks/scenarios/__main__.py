@@ -2,9 +2,10 @@
 
 Options: ``--quick`` (short smoke sizes), ``--only NAME`` (repeatable), ``--framework
 celery|dramatiq`` (repeatable), ``--serial`` (run limitpal and the baseline one after the
-other instead of side by side), ``--no-readme``. Writes ``benchmarks/results/<scenario>.json``,
-``<scenario>.png``, ``scenarios.json``, prints the tables, and (full runs) regenerates the
-README's "Why" section. Raw events stay under ``benchmarks/results/scenarios-raw/``.
+other instead of side by side), ``--no-readme``, ``--report-only`` (rebuild the tables and
+the README section from the last full run's JSON, starting no worker). Writes
+``benchmarks/results/<scenario>.json``, ``<scenario>.png``, ``scenarios.json``, prints the
+tables, and (full runs) regenerates the README's "Why" section. Raw events stay under ``benchmarks/results/scenarios-raw/``.
 """
 
 from __future__ import annotations
@@ -134,6 +135,42 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _unclean(value: Any) -> Any:
+    if value == "inf":
+        return math.inf
+    if isinstance(value, dict):
+        return {k: _unclean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unclean(v) for v in value]
+    return value
+
+
+def report_only() -> int:
+    """Rebuild the tables and the README section from the last full run's JSON files (no workers)."""
+    meta = json.loads((RESULTS / "scenarios.json").read_text())
+    if meta.get("quick"):
+        print("the last run was --quick: run `make scenarios` first", file=sys.stderr)
+        return 1
+    frameworks = meta["frameworks"]
+    summary: dict[str, Any] = {}
+    rows: list[list[str]] = []
+    for scenario in scenarios():
+        path = RESULTS / f"{scenario.name}.json"
+        if path.exists():
+            payload = _unclean(json.loads(path.read_text()))
+            summary[scenario.name] = payload
+            rows.extend(headline_rows(scenario, payload["results"], frameworks))
+    print_headline(rows, frameworks)
+    remarks = notes(summary)
+    for remark in remarks:
+        print(f"- {remark}")
+    meta.update(headline=rows, notes=remarks)
+    (RESULTS / "scenarios.json").write_text(json.dumps(_clean(meta), indent=2) + "\n")
+    write_readme(rows, frameworks, meta, remarks)
+    print("README.md: the Why section was regenerated from benchmarks/results/*.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scenarios", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short smoke sizes (no README update)")
@@ -141,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--framework", action="append", choices=FRAMEWORKS, help="run only these frameworks")
     parser.add_argument("--serial", action="store_true", help="limitpal and baseline one after the other")
     parser.add_argument("--no-readme", action="store_true", help="do not regenerate README's Why section")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild tables and README from the last results"
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        return report_only()
 
     atexit.register(stop_all)
 
