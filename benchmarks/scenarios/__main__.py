@@ -5,7 +5,8 @@ celery|dramatiq`` (repeatable), ``--serial`` (run limitpal and the baseline one 
 other instead of side by side), ``--no-readme``, ``--report-only`` (rebuild the tables and
 the README section from the last full run's JSON, starting no worker). Writes
 ``benchmarks/results/<scenario>.json``, ``<scenario>.png``, ``scenarios.json``, prints the
-tables, and (full runs) regenerates the README's "Why" section. Raw events stay under ``benchmarks/results/scenarios-raw/``.
+tables, and (full runs) regenerates the README's "Why" section. Raw events stay under
+``benchmarks/results/scenarios-raw/``.
 """
 
 from __future__ import annotations
