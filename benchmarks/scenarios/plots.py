@@ -37,7 +37,7 @@ def plot(scenario: Scenario, runs: Runs, path: Path) -> None:
     frameworks = list(runs)
     rows = 2 if scenario.name == "noisy_neighbour" else 1
     fig, axes = plt.subplots(
-        rows, len(frameworks), figsize=(6.0 * len(frameworks), 3.6 * rows), squeeze=False
+        rows, len(frameworks), figsize=(6.0 * len(frameworks), 4.2 * rows), squeeze=False
     )
     for column, framework in enumerate(frameworks):
         drawer(scenario, framework, runs[framework], [axes[r][column] for r in range(rows)])
@@ -125,7 +125,7 @@ def _outage(scenario: Scenario, framework: str, runs: dict[str, RunData], axes: 
             )
     ax.axhline(scenario.params["rate"], color="grey", lw=0.8, ls=":", label="offered load")
     ax.set_xlabel("seconds since start")
-    ax.set_ylabel("calls reaching the upstream per second (100 ms bins)")
+    ax.set_ylabel("upstream calls/s (100 ms bins)")
     ax.set_title(f"{framework}: outage and recovery")
     ax.legend(fontsize=7)
 
