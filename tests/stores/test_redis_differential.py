@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from limitpal_tasks import (
+    AdaptiveRate,
     Admitted,
     Breaker,
     Bulkhead,
@@ -104,6 +105,18 @@ POLICIES = (
         rate=RateLimit("3/s", burst=2, reserve_ahead=1, key="tenant:{tenant_id}"),
         lease=2,
     ),
+    # An adaptive rate limit: overload answers cut it, successes raise it, slow calls count.
+    Policy(
+        "adapt",
+        key="tenant:{tenant_id}",
+        rate=RateLimit(
+            "6/s",
+            burst=2,
+            reserve_ahead=2,
+            adaptive=AdaptiveRate(floor="1/s", ceiling="20/s", increase=3, cooldown=0.5, slow=1.5),
+        ),
+        lease=3,
+    ),
     # Rate limits only (successes are batchable), with a retry budget on the shared key.
     Policy(
         "bulk",
@@ -122,6 +135,8 @@ OUTCOMES = (
     Outcome.failure(),
     Outcome.failure(),
     Outcome.failure(0.3),
+    Outcome.failure(overload=True),
+    Outcome.failure(0.2, overload=True),
     Outcome.ignored(),
     Outcome.cooldown(1.5),
     Outcome.cooldown(0.0),
@@ -188,7 +203,7 @@ class SpendRetry:
 Operation = Admit | Record | Advance | Pause | Resume | Reset | Force | Override | SpendRetry
 # The (key, limit id) pairs POLICIES use, so overrides land where admissions read them.
 LIMITS = (
-    *[(f"tenant:{t}", limit) for t in TENANTS for limit in ("4/1/3", "3/1/2", "2/1/1")],
+    *[(f"tenant:{t}", limit) for t in TENANTS for limit in ("4/1/3", "3/1/2", "2/1/1", "6/1/2")],
     ("global", "30/60/5"),
     ("global", "20/60/2"),
 )
@@ -212,7 +227,7 @@ _weighted: list[st.SearchStrategy[Operation]] = [
     st.builds(Resume, keys),
     st.builds(Reset, keys),
     st.builds(Force, keys, st.sampled_from(STATES)),
-    st.builds(SpendRetry, st.sampled_from([0, 3]), tenants),
+    st.builds(SpendRetry, st.sampled_from([0, 4]), tenants),
     *[
         st.builds(
             lambda pair, rate, burst, seconds: Override(pair[0], pair[1], rate, burst, seconds),

@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -25,6 +25,7 @@ from redis.commands.core import AsyncScript, Script
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
 from ..core.decisions import (
+    AdaptiveStatus,
     AdmitRequest,
     BreakerState,
     DeferReason,
@@ -32,6 +33,7 @@ from ..core.decisions import (
     GroupResult,
     KeyStatus,
     Outcome,
+    RateChange,
     RateOverride,
     RecordResult,
     Ticket,
@@ -88,6 +90,21 @@ def _f(value: float) -> str:
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _merge_records(results: Sequence[RecordResult]) -> RecordResult:
+    """One ticket's result from its per-key records (Redis Cluster: one call per key)."""
+    return RecordResult(
+        results[-1].now,
+        tuple(t for r in results for t in r.transitions),
+        any(r.recorded for r in results),
+        tuple(c for r in results for c in r.rate_changes),
+    )
+
+
+def _adaptive(value: str) -> AdaptiveStatus:
+    rate, _, previous, changed_at = value.split(":")[:4]
+    return AdaptiveStatus(float(rate), float(previous), float(changed_at))
 
 
 def _override(value: str) -> RateOverride:
@@ -362,12 +379,15 @@ class RedisStore:
         ]
         carried = group.reservations or (None,) * len(group.rates)
         for limit, slot in zip(group.rates, carried):
+            adaptive = limit.adaptive
             admit += [
                 limit.slot_id,
                 _f(limit.interval),
                 str(limit.burst),
                 _f(limit.reserve_ahead),
                 _f(limit.grace),
+                "" if adaptive is None else _f(adaptive.floor.per_second),
+                "" if adaptive is None else _f(adaptive.ceiling.per_second),
                 "" if slot is None else _f(slot),
             ]
         if b is None:
@@ -386,6 +406,21 @@ class RedisStore:
                 _f(b.multiplier),
                 _f(b.open_jitter),
                 str(b.half_open_probes),
+            ]
+        adaptive_limits = [limit for limit in group.rates if limit.adaptive is not None]
+        rest.append(str(len(adaptive_limits)))
+        for limit in adaptive_limits:
+            a = limit.adaptive
+            assert a is not None
+            rest += [
+                limit.slot_id,
+                _f(limit.rate.per_second),
+                _f(a.floor.per_second),
+                _f(a.ceiling.per_second),
+                _f(a.decrease),
+                _f(a.increase),
+                _f(a.cooldown),
+                "" if a.slow is None else _f(a.slow),
             ]
         packed = (
             _SEP.join(admit),
@@ -498,7 +533,13 @@ class RedisStore:
             refunds = [
                 item
                 for limit, slot in zip(group.rates, used)
-                for item in (limit.slot_id, _f(limit.interval), "1" if float(slot) == 0.0 else "0")
+                for item in (
+                    limit.slot_id,
+                    _f(limit.interval),
+                    "1" if float(slot) == 0.0 else "0",
+                    "" if limit.adaptive is None else _f(limit.adaptive.floor.per_second),
+                    "" if limit.adaptive is None else _f(limit.adaptive.ceiling.per_second),
+                )
             ]
             args = [self._now(request.now), "release", group.key, request.ticket_id, "", self._idle, *refunds]
             calls.append((self._keys(group.key), args))
@@ -531,6 +572,7 @@ class RedisStore:
                     _f(outcome.retry_after),
                     str(len(batch)),
                     ticket.policy.name,
+                    "1" if outcome.overload else "0",
                 ]
             )
             keys: list[str] = []
@@ -545,6 +587,8 @@ class RedisStore:
     def _batchable(self, ticket: Ticket, outcome: Outcome) -> bool:
         """A success that frees no bulkhead slot, is no probe and is not slow may wait."""
         if self._batch_delay <= 0 or self._cluster or outcome.kind != "success" or ticket.probe:
+            return False
+        if ticket.policy.adaptive:  # a success moves the shared rate: write it at once
             return False
         return all(
             g.bulkhead is None and (g.breaker is None or g.breaker.slow_call_duration == float("inf"))
@@ -562,8 +606,20 @@ class RedisStore:
     def _record_reply(self, policy: str, reply: Any) -> RecordResult:
         def parse() -> RecordResult:
             now = float(reply[0])
+            changes = tuple(
+                RateChange(
+                    _s(c[5]),
+                    _s(c[0]),
+                    _s(c[1]),
+                    float(c[2]),
+                    float(c[3]),
+                    now,
+                    cast(Literal["overload", "increase"], _s(c[4])),
+                )
+                for c in (reply[3] if len(reply) > 3 else ())
+            )
             return RecordResult(
-                now, _transitions(policy, reply[2], now), bool(reply[1]) and reply[1][-1] == 1
+                now, _transitions(policy, reply[2], now), bool(reply[1]) and reply[1][-1] == 1, changes
             )
 
         return self._parse("record", parse)
@@ -576,10 +632,13 @@ class RedisStore:
         result = RecordResult(0.0)
         try:
             if self._cluster:
-                for record in batch:
-                    result = self._record_reply(
+                results = [
+                    self._record_reply(
                         ticket.policy.name, self._call("record", *self._record_payload([record]))
                     )
+                    for record in batch
+                ]
+                result = _merge_records(results[-len(records) :])
             else:
                 result = self._record_reply(
                     ticket.policy.name, self._call("record", *self._record_payload(batch))
@@ -599,9 +658,11 @@ class RedisStore:
         result = RecordResult(0.0)
         try:
             if self._cluster:
+                results = []
                 for record in batch:
                     reply = await self._call_async("record", *self._record_payload([record]))
-                    result = self._record_reply(ticket.policy.name, reply)
+                    results.append(self._record_reply(ticket.policy.name, reply))
+                result = _merge_records(results[-len(records) :])
             else:
                 reply = await self._call_async("record", *self._record_payload(batch))
                 result = self._record_reply(ticket.policy.name, reply)
@@ -807,6 +868,7 @@ class RedisStore:
                     for k, v in data.items()
                     if k.startswith("o:") and (override := _override(v)).active(at)
                 },
+                adaptive={k[2:]: _adaptive(v) for k, v in data.items() if k.startswith("a:")},
                 policy=data.get("po"),
                 at=at,
             )

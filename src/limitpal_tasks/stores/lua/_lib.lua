@@ -9,7 +9,9 @@
 --              (ys start, ya/yr admissions/retries, yA/yR previous window), hz horizon,
 --              po policy of the last admission, o:<slot> operator rate override
 --              ("limit:per:burst:until", until 0 = permanent), pm 1 while a permanent
---              override keeps s from expiring
+--              override keeps s from expiring, a:<slot> an adaptive limit's learned state
+--              ("rate:reported:previous:changed_at:cut_at:bucket:count:last", see
+--              core/rules.py:AdaptiveData)
 --   l  zset    leases: ticket id -> expiry
 --   p  zset    half-open probe leases: ticket id -> expiry
 --   w  string  count window ring (one byte per call) | hash: second -> "calls:failures:slow"
@@ -168,16 +170,99 @@ local function finish(H, now, idle_ttl)
   end
 end
 
--- The interval and burst a rate limit runs at now: an operator's override while it is
--- in force (see core/rules.py:_effective), else its own.
-local function effective(H, slot, interval, burst, now)
+-- An operator's override of a limit, if in force: its interval and burst.
+local function overridden(H, slot, now)
   local o = get(H, 'o:' .. slot, nil)
   if o then
     local limit, per, b, until_ = string.match(o, '^([^:]+):([^:]+):([^:]+):([^:]+)$')
     until_ = tonumber(until_)
     if until_ == 0 or until_ > now then return tonumber(per) / tonumber(limit), tonumber(b) end
   end
+  return nil
+end
+
+local function clamp(x, low, high) return math.min(math.max(x, low), high) end
+
+-- The interval and burst a rate limit runs at now (see core/rules.py:_effective): an
+-- operator's override while it is in force, else an adaptive limit's learned rate
+-- (floor and ceiling given: the limit adapts), else its own.
+local function effective(H, slot, interval, burst, now, floor, ceiling)
+  local o_interval, o_burst = overridden(H, slot, now)
+  if o_interval then return o_interval, o_burst end
+  if floor then
+    local a = get(H, 'a:' .. slot, nil)
+    if a then
+      local rate = tonumber(string.match(a, '^([^:]+):'))
+      return 1.0 / clamp(rate, floor, ceiling), burst
+    end
+  end
   return interval, burst
+end
+
+local GOODPUT_WINDOW, GOODPUT_MARGIN, REPORT_STEP = 1.0, 0.95, 1.1
+
+local function adaptive_load(H, slot, start)
+  local a = get(H, 'a:' .. slot, nil)
+  if not a then
+    return {rate = start, reported = start, previous = start, changed_at = 0.0, cut_at = 0.0,
+            bucket = 0.0, count = 0, last = 0}
+  end
+  local v = {}
+  for x in string.gmatch(a, '[^:]+') do v[#v + 1] = tonumber(x) end
+  return {rate = v[1], reported = v[2], previous = v[3], changed_at = v[4], cut_at = v[5],
+          bucket = v[6], count = v[7], last = v[8]}
+end
+
+local function adaptive_save(H, slot, D)
+  set(H, 'a:' .. slot, table.concat({fmt(D.rate), fmt(D.reported), fmt(D.previous), fmt(D.changed_at),
+    fmt(D.cut_at), fmt(D.bucket), fmt(D.count), fmt(D.last)}, ':'))
+end
+
+-- Feed one recorded outcome to the group's adaptive limits (see core/rules.py:adapt_rates);
+-- appends {key, limit, from, to, reason, policy} to C for each change reported.
+local function adapt_group(G, H, R, C)
+  for _, A in ipairs(G.adaptive) do
+    if not overridden(H, A.slot, R.now) then
+      local overload = R.kind == 'cooldown' or R.overload
+        or (A.slow ~= nil and R.kind == 'success' and R.duration >= A.slow)
+      if overload or R.kind == 'success' then
+        local D = adaptive_load(H, A.slot, clamp(A.start, A.floor, A.ceiling))
+        if not (overload and R.admitted_at < D.cut_at) then
+          local now = R.now
+          D.rate = clamp(D.rate, A.floor, A.ceiling)
+          if now >= D.bucket + GOODPUT_WINDOW then
+            D.last = (now < D.bucket + 2 * GOODPUT_WINDOW) and D.count or 0
+            D.count = 0
+            D.bucket = math.floor(now / GOODPUT_WINDOW) * GOODPUT_WINDOW
+          end
+          local reason = nil
+          if not overload then
+            D.count = D.count + 1
+            if now - D.cut_at >= A.cooldown then
+              D.rate = math.min(A.ceiling, D.rate + A.increase / D.rate)
+              if (D.rate >= D.reported * REPORT_STEP or D.rate >= A.ceiling) and D.rate ~= D.reported then
+                reason = 'increase'
+              end
+            end
+          elseif now - D.cut_at >= A.cooldown then
+            local weight = math.max(0.0, 1.0 - (now - D.bucket) / GOODPUT_WINDOW)
+            local measured = (D.last * weight + D.count) / GOODPUT_WINDOW * GOODPUT_MARGIN
+            local cut = math.max(A.floor, D.rate * A.decrease, math.min(D.rate * GOODPUT_MARGIN, measured))
+            if cut < D.rate then
+              D.rate = cut
+              D.cut_at = now
+              reason = 'overload'
+            end
+          end
+          if reason then
+            C[#C + 1] = {G.key, A.slot, fmt(D.reported), fmt(D.rate), reason, R.policy}
+            D.previous, D.reported, D.changed_at = D.reported, D.rate, now
+          end
+          adaptive_save(H, A.slot, D)
+        end
+      end
+    end
+  end
 end
 
 -- Seconds until the earliest lease of zset z expires, at most cap.
@@ -273,19 +358,21 @@ local function record_group(G, H, R, T)
 end
 
 -- Apply a list of packed records: each is a header (now, ticket, rand, kind, duration,
--- admitted_at, retry_after, group count, policy) then one packed argument per group (key, pause
--- target, generation, breaker 0|1, window type, window, minimum_calls,
+-- admitted_at, retry_after, group count, policy, overload 0|1) then one packed argument per
+-- group (key, pause target, generation, breaker 0|1, window type, window, minimum_calls,
 -- failure_rate_threshold, slow_call_duration, slow_call_rate_threshold, open_for,
--- open_for_max, multiplier, open_jitter, half_open_probes), its keys taken from KEYS
--- starting at key_pos. Returns the recorded flags, the transitions (each
--- {key, from, to, generation, policy}) and the last record's now.
+-- open_for_max, multiplier, open_jitter, half_open_probes, adaptive limit count, then per
+-- adaptive limit: slot, starting rate, floor, ceiling, decrease, increase, cooldown,
+-- slow ('' = none)), its keys taken from KEYS starting at key_pos. Returns the recorded
+-- flags, the transitions (each {key, from, to, generation, policy}), the last record's
+-- now and the rate changes (each {key, limit, from, to, reason, policy}).
 local function apply_records(args, arg_pos, count, key_pos, idle_ttl)
-  local flags, T, last = {}, {}, nil
+  local flags, T, C, last = {}, {}, {}, nil
   for n = 1, count do
     local h = split(args[arg_pos])
     local R = {now = clock(h[1]), ticket = h[2], rand = tonumber(h[3]), kind = h[4],
                duration = tonumber(h[5]), admitted_at = tonumber(h[6]), retry_after = tonumber(h[7]),
-               policy = h[9]}
+               policy = h[9], overload = h[10] == '1'}
     if R.duration == nil then R.duration = R.now - R.admitted_at end
     last = R.now
     local recorded = false
@@ -299,14 +386,30 @@ local function apply_records(args, arg_pos, count, key_pos, idle_ttl)
         slow_duration = tonumber(a[9]), slow_threshold = tonumber(a[10]),
         open_for = tonumber(a[11]), open_for_max = tonumber(a[12]),
         multiplier = tonumber(a[13]), open_jitter = tonumber(a[14]), probes = tonumber(a[15]),
+        adaptive = {},
       }
-      local H = load(G.s, RECORD_FIELDS)
-      if record_group(G, H, R, T) then recorded = true end
+      local extra = {}
+      local pos = 17
+      for i = 1, tonumber(a[16] or '0') do
+        G.adaptive[i] = {
+          slot = a[pos], start = tonumber(a[pos + 1]), floor = tonumber(a[pos + 2]), ceiling = tonumber(a[pos + 3]),
+          decrease = tonumber(a[pos + 4]), increase = tonumber(a[pos + 5]), cooldown = tonumber(a[pos + 6]),
+          slow = tonumber(a[pos + 7]),
+        }
+        extra[#extra + 1] = 'a:' .. a[pos]
+        extra[#extra + 1] = 'o:' .. a[pos]
+        pos = pos + 8
+      end
+      local H = load(G.s, RECORD_FIELDS, extra)
+      if record_group(G, H, R, T) then
+        recorded = true
+        adapt_group(G, H, R, C)
+      end
       finish(H, R.now, idle_ttl)
       key_pos = key_pos + 4
     end
     flags[n] = recorded and 1 or 0
     arg_pos = arg_pos + 1 + tonumber(h[8])
   end
-  return flags, T, last
+  return flags, T, last, C
 end

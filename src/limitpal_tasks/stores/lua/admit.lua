@@ -10,7 +10,8 @@
 --   key, lease, breaker (0|1), open_for, half_open_probes, busy_delay,
 --   bulkhead (0|1), max_concurrent, bulkhead lease ('' = lease), retry_delay,
 --   budget window ('' = none), rate count, then per rate:
---     slot id, interval, burst, reserve_ahead, grace, carried slot ('' = none)
+--     slot id, interval, burst, reserve_ahead, grace, adaptive floor and ceiling (calls/s;
+--     '' = not adaptive), carried slot ('' = none)
 -- Returns: {now, {transitions of the records}, results...}; one result per group evaluated
 --   (stopping at the first deferral):
 --   {admitted 0|1, reason, delay, generation, probe 0|1, early 0|1, {slots...}, {transitions...}}
@@ -34,14 +35,16 @@ for g = 1, ngroups do
   for i = 1, tonumber(a[12]) do
     G.rates[i] = {
       slot = a[pos], interval = tonumber(a[pos + 1]), burst = tonumber(a[pos + 2]),
-      ahead = tonumber(a[pos + 3]), grace = tonumber(a[pos + 4]), carried = tonumber(a[pos + 5]),
+      ahead = tonumber(a[pos + 3]), grace = tonumber(a[pos + 4]),
+      floor = tonumber(a[pos + 5]), ceiling = tonumber(a[pos + 6]), carried = tonumber(a[pos + 7]),
     }
     G.fields[i] = 'r:' .. a[pos]
     G.exec[i] = 'r:' .. a[pos] .. '#x'
     G.hmget[#G.hmget + 1] = G.fields[i]
     G.hmget[#G.hmget + 1] = G.exec[i]
     G.hmget[#G.hmget + 1] = 'o:' .. a[pos]
-    pos = pos + 6
+    if G.rates[i].floor then G.hmget[#G.hmget + 1] = 'a:' .. a[pos] end
+    pos = pos + 8
   end
   local k = (g - 1) * 4
   G.s, G.l, G.p, G.w = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
@@ -62,7 +65,9 @@ end
 -- core/rules.py:_check_rates): a deferral, or the slots used per limit (0 = fresh slot).
 local function check_rates(G, H)
   local rates = G.rates
-  for _, r in ipairs(rates) do r.interval, r.burst = effective(H, r.slot, r.interval, r.burst, now) end
+  for _, r in ipairs(rates) do
+    r.interval, r.burst = effective(H, r.slot, r.interval, r.burst, now, r.floor, r.ceiling)
+  end
   local covered = {}
   for i, r in ipairs(rates) do
     covered[i] = r.carried ~= nil and r.carried - 0.001 <= now and now <= r.carried + r.grace

@@ -5,7 +5,8 @@
 -- ARGV: now ('' = server TIME), action (pause|resume|reset|forced_open|disabled|release|
 --   override|unoverride), key, seconds (pause; override: '' = permanent) or ticket id
 --   (release), reason (pause) or limit id (override, unoverride), idle_ttl,
---   then for release: triples (rate slot id, interval, 1 if the booked slot is refunded too);
+--   then for release: per rate limit (slot id, interval, 1 if the booked slot is refunded
+--   too, adaptive floor, ceiling ('' = not adaptive));
 --   for override: the rate's limit, per and burst
 -- Returns: {now, {transitions...}}, a transition being {key, from, to, generation}.
 
@@ -14,10 +15,11 @@ local action, key, idle_ttl = ARGV[2], ARGV[3], tonumber(ARGV[6])
 local s, l, p, w = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local extra = {}
 if action == 'release' then
-  for i = 7, #ARGV, 3 do
+  for i = 7, #ARGV, 5 do
     extra[#extra + 1] = 'r:' .. ARGV[i]
     extra[#extra + 1] = 'r:' .. ARGV[i] .. '#x'
     extra[#extra + 1] = 'o:' .. ARGV[i]
+    extra[#extra + 1] = 'a:' .. ARGV[i]
   end
 end
 local H = load(s, ALL, extra)
@@ -28,8 +30,8 @@ if action == 'pause' then
 elseif action == 'release' then
   redis.call('ZREM', l, ARGV[4])
   redis.call('ZREM', p, ARGV[4])
-  for i = 7, #ARGV, 3 do
-    local interval = effective(H, ARGV[i], tonumber(ARGV[i + 1]), 1, now)
+  for i = 7, #ARGV, 5 do
+    local interval = effective(H, ARGV[i], tonumber(ARGV[i + 1]), 1, now, tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]))
     local executed = get(H, 'r:' .. ARGV[i] .. '#x', nil)
     if executed then set(H, 'r:' .. ARGV[i] .. '#x', executed - interval) end
     local tat = get(H, 'r:' .. ARGV[i], nil)
