@@ -305,14 +305,14 @@ class Chaos:
                 pytest.fail(f"timed out after {timeout:g}s waiting for {what}\n{self.worker_logs()}")
             time.sleep(0.02)
 
-    def crashes(self) -> list[str]:
-        """Workers that exited on their own, and signs in their logs of a lost worker process."""
+    def crashes(self, since: int = 0) -> list[str]:
+        """Workers (the ``since``-th started and later ones) that exited on their own, and
+        signs in their logs of a lost worker process."""
+        workers = list(enumerate(self.workers))[since:]
         problems = [
-            f"{w.framework} worker {i} exited with {w.process.poll()}"
-            for i, w in enumerate(self.workers)
-            if not w.alive
+            f"{w.framework} worker {i} exited with {w.process.poll()}" for i, w in workers if not w.alive
         ]
-        for i, worker in enumerate(self.workers):
+        for i, worker in workers:
             text = worker.output()
             problems += [
                 f"{worker.framework} worker {i} logged {marker!r}"

@@ -260,7 +260,7 @@ class RabbitNode:
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"  # vhost "/" for kombu and pika alike
 
     def _env(self) -> dict[str, str]:
         d = self.directory
