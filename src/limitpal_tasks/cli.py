@@ -94,15 +94,27 @@ def _rate_rows(status: KeyStatus, at: float) -> dict[str, dict[str, Any]]:
             limit, per, burst = (float(x) for x in limit_id.split("/"))
         except ValueError:
             continue
-        interval = override.interval if override else per / limit
+        adaptive = status.adaptive.get(limit_id)
+        interval = per / limit
+        text = _limit_text(limit_id)
+        if override:
+            interval, text = override.interval, str(override)
+        elif adaptive:
+            interval = 1.0 / adaptive.rate
+            text = f"adaptive {adaptive.rate:.3g}/s burst {int(burst)}"
+            if adaptive.changed_at:
+                text += f" (was {adaptive.previous:.3g}/s {max(0.0, at - adaptive.changed_at):.0f}s ago)"
         capacity = override.burst if override else int(burst)
         used = max(0.0, tat - at) / interval  # slots of the schedule taken beyond now
         rows[limit_id] = {
-            "limit": str(override) if override else _limit_text(limit_id),
+            "limit": text,
             "next_slot": max(tat - (capacity - 1) * interval, at),
             "booked_ahead": max(0, math.ceil(used - capacity - 1e-9)),
             "tokens": max(0, math.floor(capacity - used + 1e-9)),
             "overridden": override is not None,
+            "adaptive": None
+            if adaptive is None
+            else {"rate": adaptive.rate, "previous": adaptive.previous, "changed_at": adaptive.changed_at},
         }
     return rows
 

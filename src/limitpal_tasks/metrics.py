@@ -18,7 +18,12 @@ and expose the registry as usual (``prometheus_client.start_http_server(9100)``)
 - ``limitpal_store_errors_total{policy,handled_as}``: store failures, handled as
   ``open``, ``closed`` or ``record``;
 - ``limitpal_dead_letters_total{policy,reason}``: dead letters;
-- ``limitpal_hook_errors_total``: hook calls that raised, every hook of this process.
+- ``limitpal_hook_errors_total``: hook calls that raised, every hook of this process;
+- ``limitpal_rate_current{policy}``: an adaptive rate limit's rate (calls/s) as last changed
+  by this process (``{policy,key}`` with ``PrometheusHooks(rate_per_key=True)``, for
+  policies whose keys are few — a breaker per upstream, not a rate per tenant);
+- ``limitpal_rate_changes_total{policy,reason}``: adaptive cuts (``overload``) and the
+  increases reported (``increase``).
 
 Labels are bounded: the policy name, the decision reason, the breaker states, the store
 operation — never a tenant key.
@@ -48,7 +53,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     ) from exc
 
 from .core.deadletter import DeadLetter
-from .core.decisions import Decision, Deferred, Transition
+from .core.decisions import Decision, Deferred, RateChange, Transition
 from .core.events import Hooks, StoreOperation, hook_errors_total
 from .core.keys import TaskContext
 
@@ -95,7 +100,20 @@ class PrometheusHooks(Hooks):
     Build one per registry: the metrics are registered when it is constructed.
     """
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry = REGISTRY, *, rate_per_key: bool = False) -> None:
+        self.rate_per_key = rate_per_key
+        self.rate_current = Gauge(
+            "limitpal_rate_current",
+            "An adaptive rate limit's rate in calls per second, as last changed by this process.",
+            ["policy", "key"] if rate_per_key else ["policy"],
+            registry=registry,
+        )
+        self.rate_changes = Counter(
+            "limitpal_rate_changes",
+            "Adaptive rate changes: cuts on overload, and reported increases.",
+            ["policy", "reason"],
+            registry=registry,
+        )
         self.decisions = Counter(
             "limitpal_decisions",
             "Admission decisions by policy and reason ('admitted' when run).",
@@ -164,6 +182,11 @@ class PrometheusHooks(Hooks):
 
     def on_store_error(self, policy: str, error: BaseException, fallback: str) -> None:
         self.store_errors.labels(policy, fallback).inc()
+
+    def on_rate_change(self, change: RateChange) -> None:
+        labels = (change.policy, change.key) if self.rate_per_key else (change.policy,)
+        self.rate_current.labels(*labels).set(change.to_rate)
+        self.rate_changes.labels(change.policy, change.reason).inc()
 
     def on_dead_letter(self, letter: DeadLetter) -> None:
         self.dead_letters.labels(letter.policy, letter.reason).inc()

@@ -377,3 +377,25 @@ def test_celery_limitpal_subcommand_uses_the_apps_store(store: RedisStore, tmp_p
     assert result.returncode == 0, result.stderr
     (status,) = json.loads(result.stdout)
     assert (status["key"], status["pause_reason"]) == ("tenant:acme", "operator")
+
+
+def test_status_shows_an_adaptive_rate_and_its_last_change(store: RedisStore) -> None:
+    """An adaptive limit's learned rate and its last change appear in the table and the JSON."""
+    from limitpal_tasks import AdaptiveRate
+
+    partner = Policy(
+        "partner",
+        key="partner:{name}",
+        rate=RateLimit("100/s", adaptive=AdaptiveRate(floor="10/s", ceiling="200/s")),
+    )
+    pipeline = Pipeline(store)
+    decision = pipeline.admit(partner, TaskContext("call", kwargs={"name": "acme"}))
+    assert decision.admitted
+    pipeline.record(decision.ticket, Outcome.failure(overload=True))
+
+    row = run("status", "partner:acme").splitlines()[1]
+    (status,) = json.loads(run("status", "partner:acme", "--json"))
+
+    assert "adaptive 50/s burst 1 (was 100/s 0s ago)" in row
+    (limit,) = status["rates"].values()
+    assert (limit["adaptive"]["rate"], limit["adaptive"]["previous"]) == (50.0, 100.0)

@@ -278,3 +278,39 @@ def test_breaker_open_gauge_counts_keys_leaving_or_entering_the_closed_states(
     hooks.on_transition(Transition("api", "tenant:acme", from_state, to_state, 1, 0.0))
 
     assert registry.get_sample_value("limitpal_breaker_open", {"policy": "api"}) == change
+
+
+def test_adaptive_rate_gauge_follows_cuts_and_increases() -> None:
+    """limitpal_rate_current{policy} is the rate of the last change; changes are counted by reason."""
+    from limitpal_tasks import AdaptiveRate, RateLimit
+
+    registry = CollectorRegistry()
+    clock = MockClock()
+    pipeline = Pipeline(MemoryStore(clock=clock), clock=clock, hooks=[PrometheusHooks(registry)])
+    partner = Policy(
+        "partner",
+        key="partner:{name}",
+        rate=RateLimit("100/s", burst=200, adaptive=AdaptiveRate(floor="10/s", ceiling="200/s", increase=50)),
+    )
+    context = TaskContext("call", kwargs={"name": "acme"})
+
+    def run(outcome: Outcome) -> None:
+        decision = pipeline.admit(partner, context)
+        assert isinstance(decision, Admitted)
+        pipeline.record(decision.ticket, outcome)
+
+    with serving(registry) as scrape:
+        clock.advance(1.0)
+        run(Outcome.failure(overload=True))  # cut to 50/s
+        after_cut = scrape()
+        clock.advance(1.0)
+        for _ in range(10):  # +50/rate each: past 55/s, reported
+            run(Outcome.success())
+        after_increase = scrape()
+
+    assert sample(after_cut, "limitpal_rate_current", policy="partner") == 50.0
+    assert sample(after_cut, "limitpal_rate_changes_total", policy="partner", reason="overload") == 1.0
+    increased = sample(after_increase, "limitpal_rate_current", policy="partner")
+    assert increased is not None
+    assert increased >= 55.0
+    assert sample(after_increase, "limitpal_rate_changes_total", policy="partner", reason="increase") == 1.0
