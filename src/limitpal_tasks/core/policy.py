@@ -23,6 +23,7 @@ __all__ = [
     "Breaker",
     "Bulkhead",
     "DeferPolicy",
+    "DeferTransport",
     "FailMode",
     "FailurePolicy",
     "Policy",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 FailMode = Literal["open", "closed"]
+DeferTransport = Literal["broker", "park"]
 Verdict = Literal["retry", "fail", "ignore"]
 JitterKind = Literal["full", "equal", "decorrelated", "none"]
 ExceptionTypes = tuple[type[BaseException], ...]
@@ -516,6 +518,13 @@ class DeferPolicy:
     ``visibility_timeout``); ``jitter`` stretches every deferral by up to that fraction;
     deferrals for an open breaker are spread over ``open_spread`` seconds after it may
     half-open (default: ``jitter`` × the break duration, at least one second).
+
+    ``transport`` is how a deferred task waits: ``"broker"`` re-publishes it with a
+    countdown (the broker and the worker hold it meanwhile), ``"park"`` writes it into the
+    store and acknowledges it, and a releaser in every worker re-publishes it when due —
+    in due order and at the key's rate. ``None`` takes the worker's setting
+    (``limitpal_defer_transport``, default ``"broker"``). A key holds at most
+    ``park_limit`` parked tasks; beyond that a deferral is dead-lettered (``park_full``).
     """
 
     max_deferrals: int
@@ -523,6 +532,8 @@ class DeferPolicy:
     max_delay: float
     jitter: float
     open_spread: float | None
+    transport: DeferTransport | None
+    park_limit: int
 
     def __init__(
         self,
@@ -532,7 +543,13 @@ class DeferPolicy:
         max_delay: Duration = 300.0,
         jitter: float = 0.1,
         open_spread: Duration | None = None,
+        transport: DeferTransport | None = None,
+        park_limit: int = 10_000,
     ) -> None:
+        if transport not in (None, "broker", "park"):
+            raise ConfigurationError("defer.transport", transport, 'expected "broker" or "park"')
+        _set(self, "transport", transport)
+        _set(self, "park_limit", int(_number("defer.park_limit", park_limit, low=1, integer=True)))
         _set(self, "max_deferrals", int(_number("defer.max_deferrals", max_deferrals, low=0, integer=True)))
         _set(self, "deadline", parse_duration("defer.deadline", deadline, allow_zero=False, allow_none=True))
         _set(self, "max_delay", parse_duration("defer.max_delay", max_delay, allow_zero=False))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from .deadletter import DeadLetter
+from .parking import ParkedEntry, ParkSummary
 from .decisions import (
     AdmitRequest,
     BreakerState,
@@ -131,6 +132,33 @@ class Store(Protocol):
     def take_dead(self, letter_id: str) -> DeadLetter | None: ...
     def purge_dead(self) -> int:
         """Delete every dead letter; how many there were."""
+        ...
+
+    def park(self, entry: ParkedEntry, limit: int, now: float | None = None) -> ParkedEntry | None:
+        """Keep ``entry`` until ``entry.delay`` from now; the stored entry (its ``id`` and
+        ``due`` set), or ``None`` when ``entry.key`` already holds ``limit`` parked tasks."""
+        ...
+
+    def take_parked(self, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
+        """Claim up to ``limit`` due entries, each for ``lease`` seconds: in due order, each
+        key paced at its entries' ``interval``. An entry claimed but not confirmed within
+        its lease (its releaser died) is due again."""
+        ...
+
+    def confirm_parked(self, entry_id: str) -> None:
+        """A claimed entry was published: forget it."""
+        ...
+
+    def parked(self, now: float | None = None) -> list[ParkSummary]:
+        """Per key with parked tasks: how many, and the next due time."""
+        ...
+
+    def release_parked(self, key: str, now: float | None = None) -> int:
+        """Make every parked task of ``key`` due now (still paced); how many."""
+        ...
+
+    def purge_parked(self, key: str | None = None) -> int:
+        """Delete the parked tasks of ``key`` (of every key when ``None``); how many."""
         ...
 
     def close(self) -> None: ...

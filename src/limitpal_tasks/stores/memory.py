@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import heapq
 import logging
 import threading
 from collections import OrderedDict, deque
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
+from ..core.parking import ParkedEntry, ParkSummary
 from ..core.decisions import (
     AdmitRequest,
     BreakerState,
@@ -85,6 +88,7 @@ class MemoryStore:
         """Keys evicted so far (idle past ``idle_ttl``, or beyond ``max_keys``)."""
         self.dead_dropped = 0
         """Dead letters dropped (oldest first) beyond ``dead_letter_limit``."""
+        self._park = _Park()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -283,5 +287,142 @@ class MemoryStore:
             self._dead.clear()
         return count
 
+    # -- parked deferrals -------------------------------------------------------
+
+    def park(self, entry: ParkedEntry, limit: int, now: float | None = None) -> ParkedEntry | None:
+        now = self._now(now)
+        with self._lock:
+            return self._park.put(entry, limit, now)
+
+    def take_parked(self, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
+        now = self._now(now)
+        with self._lock:
+            return self._park.take(limit, lease, now)
+
+    def confirm_parked(self, entry_id: str) -> None:
+        with self._lock:
+            self._park.confirm(entry_id)
+
+    def parked(self, now: float | None = None) -> list[ParkSummary]:
+        with self._lock:
+            return self._park.summary()
+
+    def release_parked(self, key: str, now: float | None = None) -> int:
+        now = self._now(now)
+        with self._lock:
+            return self._park.release(key, now)
+
+    def purge_parked(self, key: str | None = None) -> int:
+        with self._lock:
+            return self._park.purge(key)
+
     def close(self) -> None:
         """Nothing to release; present for the :class:`Store` contract."""
+
+
+class _Park:
+    """Parked entries (see :class:`~limitpal_tasks.Store.take_parked`); the caller holds the lock.
+
+    The RedisStore's ``park.lua`` keeps the same structures: entries by id, their due
+    times, claims, the entries already given a paced slot, a count and a pace per key.
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.entries: dict[str, ParkedEntry] = {}
+        self.due: dict[str, float] = {}
+        self.heap: list[tuple[float, str]] = []  # (due, id), stale items skipped
+        self.claims: dict[str, float] = {}
+        self.slotted: set[str] = set()
+        self.count: dict[str, int] = {}
+        self.pace: dict[str, float] = {}
+
+    def schedule(self, entry_id: str, due: float) -> None:
+        self.due[entry_id] = due
+        heapq.heappush(self.heap, (due, entry_id))
+
+    def put(self, entry: ParkedEntry, limit: int, now: float) -> ParkedEntry | None:
+        if self.count.get(entry.key, 0) >= limit:
+            return None
+        self.seq += 1
+        stored = dataclasses.replace(entry, id=f"{self.seq:016d}", due=now + entry.delay)
+        self.entries[stored.id] = stored
+        self.count[stored.key] = self.count.get(stored.key, 0) + 1
+        self.schedule(stored.id, stored.due)
+        return stored
+
+    def take(self, limit: int, lease: float, now: float) -> list[ParkedEntry]:
+        for entry_id, expiry in list(self.claims.items()):
+            if expiry <= now:  # its releaser died before confirming: due again, at once
+                del self.claims[entry_id]
+                self.slotted.add(entry_id)
+                self.schedule(entry_id, now)
+        taken: list[ParkedEntry] = []
+        scanned = 0
+        while self.heap and len(taken) < limit and scanned < 4 * limit:
+            due, entry_id = self.heap[0]
+            if due > now:
+                break
+            heapq.heappop(self.heap)
+            if self.due.get(entry_id) != due:
+                continue  # rescheduled, claimed or gone since
+            scanned += 1
+            entry = self.entries[entry_id]
+            if entry_id in self.slotted:
+                self.slotted.discard(entry_id)
+            else:
+                pace = self.pace.get(entry.key, 0.0)
+                if pace > now:  # the key's next release slot is this entry's
+                    self.slotted.add(entry_id)
+                    self.schedule(entry_id, pace)
+                    self.pace[entry.key] = pace + entry.interval
+                    continue
+                if entry.interval > 0:
+                    self.pace[entry.key] = max(pace, now) + entry.interval
+            del self.due[entry_id]
+            self.claims[entry_id] = now + lease
+            taken.append(dataclasses.replace(entry, due=due))
+        return taken
+
+    def confirm(self, entry_id: str) -> None:
+        self.claims.pop(entry_id, None)
+        self.forget(entry_id)
+
+    def forget(self, entry_id: str) -> None:
+        entry = self.entries.pop(entry_id, None)
+        if entry is None:
+            return
+        self.due.pop(entry_id, None)
+        self.slotted.discard(entry_id)
+        left = self.count.get(entry.key, 1) - 1
+        if left > 0:
+            self.count[entry.key] = left
+        else:
+            self.count.pop(entry.key, None)
+            self.pace.pop(entry.key, None)
+
+    def summary(self) -> list[ParkSummary]:
+        out: dict[str, list[float]] = {}
+        for entry_id, entry in self.entries.items():
+            out.setdefault(entry.key, [])
+            if entry_id in self.due:
+                out[entry.key].append(self.due[entry_id])
+        return [
+            ParkSummary(key, self.count.get(key, 0), min(times) if times else None)
+            for key, times in sorted(out.items())
+        ]
+
+    def release(self, key: str, now: float) -> int:
+        ids = [i for i, e in self.entries.items() if e.key == key and i in self.due]
+        for entry_id in ids:
+            self.slotted.discard(entry_id)
+            self.schedule(entry_id, now)
+        self.pace.pop(key, None)
+        return len(ids)
+
+    def purge(self, key: str | None) -> int:
+        ids = [i for i, e in self.entries.items() if key is None or e.key == key]
+        for entry_id in ids:
+            self.claims.pop(entry_id, None)
+            self.forget(entry_id)
+        return len(ids)

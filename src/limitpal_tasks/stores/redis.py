@@ -8,6 +8,7 @@ explicit ``now`` through a :class:`~limitpal_tasks.MockClock`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from redis.commands.core import AsyncScript, Script
 
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
+from ..core.parking import ParkedEntry, ParkSummary
 from ..core.decisions import (
     AdaptiveStatus,
     AdmitRequest,
@@ -49,7 +51,7 @@ __all__ = ["RedisStore"]
 log = logging.getLogger("limitpal_tasks.stores.redis")
 
 _T = TypeVar("_T")
-_SCRIPTS = ("admit", "record", "retry", "control", "dead")
+_SCRIPTS = ("admit", "record", "retry", "control", "dead", "park")
 _ENCODE_CACHE = 8192
 _SEP = "\x1f"  # packs a group's fields into one argument; keys never contain it
 
@@ -185,6 +187,7 @@ class RedisStore:
         dead_letter_ttl: float = 30 * 86400,
         batch_delay: float = 0.05,
         batch_size: int = 64,
+        park_ttl: float = 7 * 86400,
     ) -> None:
         if not prefix or any(c in prefix for c in "{} \n"):
             raise ConfigurationError("prefix", prefix, "expected a non-empty name without braces or spaces")
@@ -204,6 +207,11 @@ class RedisStore:
         self._dead_limit = str(int(dead_letter_limit))
         self._dead_ttl = str(int(dead_letter_ttl))
         self._dead_keys = [f"{prefix}:{{dead}}:h", f"{prefix}:{{dead}}:z"]
+        self._park_keys = [
+            f"{prefix}:{{park}}:{part}"
+            for part in ("due", "msg", "meta", "claims", "slotted", "count", "pace", "seq")
+        ]
+        self._park_ttl = str(int(park_ttl))
         if batch_delay < 0 or batch_size < 1:
             raise ConfigurationError(
                 "batch_delay", (batch_delay, batch_size), "expected batch_delay >= 0 and batch_size >= 1"
@@ -239,6 +247,7 @@ class RedisStore:
         batch_size: int = 64,
         dead_letter_limit: int = 10_000,
         dead_letter_ttl: float = 30 * 86400,
+        park_ttl: float = 7 * 86400,
         **client_options: Any,
     ) -> RedisStore:
         """Connect to ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` (``?cluster=true``).
@@ -299,6 +308,7 @@ class RedisStore:
             batch_size=batch_size,
             dead_letter_limit=dead_letter_limit,
             dead_letter_ttl=dead_letter_ttl,
+            park_ttl=park_ttl,
         )
 
     @property
@@ -898,6 +908,67 @@ class RedisStore:
         if not entry:
             return None
         return self._parse("dead take", lambda: DeadLetter.from_json(entry))
+
+    # -- parked deferrals -------------------------------------------------------------
+
+    def park(self, entry: ParkedEntry, limit: int, now: float | None = None) -> ParkedEntry | None:
+        payload = dataclasses.replace(entry, id="", due=0.0).to_json()
+        args = ["put", self._now(now), entry.key, _f(entry.delay), _f(entry.interval), payload]
+        reply = self._call("park", self._park_keys, [*args, str(int(limit)), self._park_ttl])
+        if not reply:
+            return None
+        return self._parse("park", lambda: dataclasses.replace(entry, id=_s(reply[0]), due=float(reply[1])))
+
+    def take_parked(self, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
+        reply = self._call(
+            "park", self._park_keys, ["take", self._now(now), str(int(limit)), _f(lease), self._park_ttl]
+        )
+
+        def parse() -> list[ParkedEntry]:
+            return [
+                dataclasses.replace(
+                    ParkedEntry.from_json(reply[i + 2]), id=_s(reply[i]), due=float(reply[i + 1])
+                )
+                for i in range(0, len(reply), 3)
+            ]
+
+        return self._parse("take parked", parse)
+
+    def confirm_parked(self, entry_id: str) -> None:
+        self._call("park", self._park_keys, ["confirm", "", entry_id])
+
+    def parked(self, now: float | None = None) -> list[ParkSummary]:
+        due, _, meta, *_ = self._park_keys
+        count_key = self._park_keys[5]
+        try:
+            counts = cast(dict[bytes, bytes], self._client.hgetall(count_key))
+            scheduled = cast(list[tuple[bytes, float]], self._client.zrange(due, 0, -1, withscores=True))
+            keys = (
+                cast(list[bytes | None], self._client.hmget(meta, [i for i, _ in scheduled]))
+                if scheduled
+                else []
+            )
+        except redis.RedisError as exc:
+            raise StoreError(f"redis parked failed: {exc}") from exc
+
+        def parse() -> list[ParkSummary]:
+            first: dict[str, float] = {}
+            for (_, at), m in zip(scheduled, keys):
+                if m is not None:
+                    key = _s(m).split("|", 1)[1]
+                    first.setdefault(key, at)  # zrange is in due order
+            return [
+                ParkSummary(key, int(n), first.get(key))
+                for key, n in sorted((_s(k), v) for k, v in counts.items())
+            ]
+
+        return self._parse("parked", parse)
+
+    def release_parked(self, key: str, now: float | None = None) -> int:
+        return int(self._call("park", self._park_keys, ["release", self._now(now), key]))
+
+    def purge_parked(self, key: str | None = None) -> int:
+        return int(self._call("park", self._park_keys, ["purge", "", "" if key is None else key]))
 
     def purge_dead(self) -> int:
         count = self._call("dead", self._dead_keys, ["purge"])
