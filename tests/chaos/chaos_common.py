@@ -19,8 +19,8 @@ what the records count. Records are JSON lines in Redis lists ``{prefix}:rec:{ki
 - ``starts``/``runs``: a task body began / finished (``fallback``: it was admitted by the
   per-process fallback store, not the shared one; ``header``: the ``limitpal`` header it ran with);
 - ``holding``: a body is holding its slots until the test releases it (or kills the worker);
-- ``defers``/``deads``/``store_errors``: the pipeline's hooks (``on_defer``,
-  ``on_dead_letter``, ``on_store_error``);
+- ``defers``/``deads``/``store_errors``/``store_calls``: the pipeline's hooks (``on_defer``,
+  ``on_dead_letter``, ``on_store_error``, ``on_store_call`` with each call's latency);
 - ``failures``: a task failed (Celery ``task_failure``, a Dramatiq message failed).
 """
 
@@ -36,6 +36,7 @@ from typing import Any
 import redis
 
 from limitpal_tasks import Admitted, DeadLetter, Decision, Deferred, Hooks, TaskContext
+from limitpal_tasks.core.events import StoreOperation
 
 BROKER_URL = os.environ.get("LPC_BROKER", "redis://127.0.0.1:7100/0")
 STORE_URL = os.environ.get("LPC_STORE", "redis://127.0.0.1:7101/0")
@@ -189,6 +190,9 @@ class RecordingHooks(Hooks):
 
     def on_store_error(self, policy: str, error: BaseException, fallback: str) -> None:
         recorder().incr(record_key(PREFIX, f"store_errors:{self.framework}:{fallback}"))
+
+    def on_store_call(self, operation: StoreOperation, seconds: float, ok: bool) -> None:
+        record("store_calls", fw=self.framework, op=operation, seconds=seconds, ok=ok)
 
 
 def body(framework: str, kind: str, job: str, tenant: str, header: object) -> str:

@@ -22,20 +22,25 @@ def recorder() -> Iterator[RedisServer]:
         yield server
 
 
-def _ledgers(terminalreporter: Any) -> list[tuple[str, dict[str, Any]]]:
+def _properties(terminalreporter: Any, wanted: str) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     for reports in terminalreporter.stats.values():
         for report in reports:
             if getattr(report, "when", None) != "call":
                 continue
             for name, value in getattr(report, "user_properties", ()):
-                if name == "ledger":
+                if name == wanted:
                     rows.append((report.nodeid, value))
     return rows
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    rows = _ledgers(terminalreporter)
+    latencies = _properties(terminalreporter, "latency")
+    if latencies:
+        terminalreporter.section("chaos: store latency under faults")
+        for nodeid, latency in latencies:
+            terminalreporter.write_line(f"{nodeid.split('::')[-1][:70]:<72}{latency}")
+    rows = _properties(terminalreporter, "ledger")
     if not rows:
         return
     columns = (
