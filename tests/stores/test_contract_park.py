@@ -31,7 +31,7 @@ def take(store: Store, limit: int = 100) -> list[int]:
 
 
 def test_a_parked_entry_is_kept_until_due_then_taken_whole(store: Store, clock: MockClock) -> None:
-    """Nothing is released before the delay; then the entry comes back exactly as parked, with its due time."""
+    """Nothing is released before the delay; then the entry comes back as parked, with its due time."""
     parked = store.park(entry(delay=5.0), limit=10)
     assert parked is not None
     assert parked.due == pytest.approx(clock.now() + 5.0)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from .deadletter import DeadLetter
-from .parking import ParkedEntry, ParkSummary
 from .decisions import (
     AdmitRequest,
     BreakerState,
@@ -24,6 +23,7 @@ from .decisions import (
     Ticket,
     Transition,
 )
+from .parking import ParkedEntry, ParkSummary
 from .policy import RetryBudget
 from .units import Rate
 

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
-from ..core.parking import ParkedEntry, ParkSummary
 from ..core.decisions import (
     AdmitRequest,
     BreakerState,
@@ -25,6 +24,7 @@ from ..core.decisions import (
     Ticket,
     Transition,
 )
+from ..core.parking import ParkedEntry, ParkSummary
 from ..core.policy import RetryBudget
 from ..core.rules import (
     KeyState,

@@ -25,7 +25,6 @@ from redis.commands.core import AsyncScript, Script
 
 from ..core.clock import Clock, MonotonicClock
 from ..core.deadletter import DeadLetter
-from ..core.parking import ParkedEntry, ParkSummary
 from ..core.decisions import (
     AdaptiveStatus,
     AdmitRequest,
@@ -41,6 +40,7 @@ from ..core.decisions import (
     Ticket,
     Transition,
 )
+from ..core.parking import ParkedEntry, ParkSummary
 from ..core.policy import RetryBudget
 from ..core.store import AdmitResult, merge_admission
 from ..core.units import Rate, exact
