@@ -5,28 +5,29 @@ from __future__ import annotations
 import pytest
 
 from limitpal_tasks import MockClock, Store
-from limitpal_tasks.core.parking import ParkedEntry, ParkSummary
+from limitpal_tasks.core.parking import ParkedEntry
 
 LEASE = 30.0
+PARK = "test"
 
 
 def entry(key: str = "tenant:a", delay: float = 5.0, interval: float = 0.0, n: int = 0) -> ParkedEntry:
     return ParkedEntry(
+        park=PARK,
         task_name="charge",
         policy="payments",
         key=key,
         delay=delay,
         interval=interval,
-        integration="test",
         payload={"n": n, "args": [], "nested": {"empty": []}},
     )
 
 
 def take(store: Store, limit: int = 100) -> list[int]:
     """Claim what is due and confirm it; the ``n`` of each entry taken."""
-    taken = store.take_parked(limit, LEASE)
+    taken = store.take_parked(PARK, limit, LEASE)
     for parked in taken:
-        store.confirm_parked(parked.id)
+        store.confirm_parked(PARK, parked.id)
     return [int(parked.payload["n"]) for parked in taken]
 
 
@@ -36,10 +37,10 @@ def test_a_parked_entry_is_kept_until_due_then_taken_whole(store: Store, clock: 
     assert parked is not None
     assert parked.due == pytest.approx(clock.now() + 5.0)
     clock.advance(4.9)
-    assert store.take_parked(10, LEASE) == []
+    assert store.take_parked(PARK, 10, LEASE) == []
     clock.advance(0.2)
 
-    (taken,) = store.take_parked(10, LEASE)
+    (taken,) = store.take_parked(PARK, 10, LEASE)
 
     assert taken == parked
     assert taken.payload == {"n": 0, "args": [], "nested": {"empty": []}}
@@ -59,38 +60,38 @@ def test_a_claimed_entry_is_released_to_one_taker_only(store: Store, clock: Mock
     """Two releasers taking at once: each entry goes to exactly one of them."""
     for n in range(6):
         store.park(entry(delay=0.0, n=n), limit=10)
-    first = store.take_parked(4, LEASE)
-    second = store.take_parked(4, LEASE)
+    first = store.take_parked(PARK, 4, LEASE)
+    second = store.take_parked(PARK, 4, LEASE)
     ids = [p.id for p in first + second]
     assert len(ids) == 6
     assert len(set(ids)) == 6
-    assert store.take_parked(4, LEASE) == []
+    assert store.take_parked(PARK, 4, LEASE) == []
 
 
 def test_an_unconfirmed_claim_is_released_again_after_its_lease(store: Store, clock: MockClock) -> None:
     """A releaser that died between taking and publishing: its entry is due again once the lease ends."""
     store.park(entry(delay=0.0, n=7), limit=10)
-    (lost,) = store.take_parked(10, LEASE)
+    (lost,) = store.take_parked(PARK, 10, LEASE)
     clock.advance(LEASE - 1)
-    assert store.take_parked(10, LEASE) == []
+    assert store.take_parked(PARK, 10, LEASE) == []
     clock.advance(2)
 
-    (again,) = store.take_parked(10, LEASE)
-    store.confirm_parked(again.id)
+    (again,) = store.take_parked(PARK, 10, LEASE)
+    store.confirm_parked(PARK, again.id)
 
     assert again.id == lost.id
     clock.advance(2 * LEASE)
-    assert store.take_parked(10, LEASE) == []
-    assert store.parked() == []
+    assert store.take_parked(PARK, 10, LEASE) == []
+    assert store.parked(PARK) == []
 
 
 def test_a_late_confirm_prevents_a_second_release(store: Store, clock: MockClock) -> None:
     """Published, but confirmed after the lease: the entry is forgotten, not released twice."""
     store.park(entry(delay=0.0), limit=10)
-    (slow,) = store.take_parked(10, LEASE)
+    (slow,) = store.take_parked(PARK, 10, LEASE)
     clock.advance(LEASE + 1)
-    store.confirm_parked(slow.id)
-    assert store.take_parked(10, LEASE) == []
+    store.confirm_parked(PARK, slow.id)
+    assert store.take_parked(PARK, 10, LEASE) == []
 
 
 def test_releases_of_one_key_are_paced_at_its_interval(store: Store, clock: MockClock) -> None:
@@ -120,13 +121,18 @@ def test_summary_release_and_purge(store: Store, clock: MockClock) -> None:
     store.park(entry("tenant:a", delay=30.0), limit=10)
     store.park(entry("tenant:b", delay=10.0), limit=10)
     now = clock.now()
-    assert store.parked() == [
-        ParkSummary("tenant:a", 2, pytest.approx(now + 30.0)),
-        ParkSummary("tenant:b", 1, pytest.approx(now + 10.0)),
-    ]
+    summary = [(s.key, s.count, round((s.next_due or 0) - now, 3)) for s in store.parked(PARK)]
+    assert summary == [("tenant:a", 2, 30.0), ("tenant:b", 1, 10.0)]
 
-    assert store.release_parked("tenant:a") == 2
-    assert len(store.take_parked(10, LEASE)) == 2
-    assert store.purge_parked("tenant:b") == 1
-    assert store.purge_parked() == 2  # the two taken of tenant:a, never confirmed
-    assert store.parked() == []
+    assert store.release_parked(PARK, "tenant:a") == 2
+    assert len(store.take_parked(PARK, 10, LEASE)) == 2
+    assert store.purge_parked(PARK, "tenant:b") == 1
+    assert store.purge_parked(PARK) == 2  # the two taken of tenant:a, never confirmed
+    assert store.parked(PARK) == []
+
+
+def test_parks_are_separate(store: Store, clock: MockClock) -> None:
+    """An entry parked in one park (say Celery's) is never taken from another (Dramatiq's)."""
+    store.park(entry(delay=0.0), limit=10)
+    assert store.take_parked("other", 10, LEASE) == []
+    assert len(store.take_parked(PARK, 10, LEASE)) == 1

@@ -20,18 +20,20 @@ __all__ = ["ParkSummary", "ParkedEntry"]
 class ParkedEntry:
     """One parked task.
 
-    ``key`` is the key its releases are paced on (the policy's rate-limit key, else its
-    key), ``interval`` the seconds between two releases of that key (``0``: unpaced),
-    ``delay`` how long it waits from parking, ``payload`` what the integration needs to
-    publish it again. ``id`` is set by the store (its order among entries due together).
+    ``park`` names the park it waits in (one per integration and broker: the releasers
+    of that park can publish it), ``key`` the key its releases are paced on (the
+    policy's rate-limit key, else its key), ``interval`` the seconds between two releases
+    of that key (``0``: unpaced), ``delay`` how long it waits from parking, ``payload``
+    what the integration needs to publish it again. ``id`` and ``due`` are set by the
+    store (the id orders entries due together).
     """
 
+    park: str
     task_name: str
     policy: str
     key: str
     delay: float
     interval: float
-    integration: str
     payload: dict[str, Any] = field(default_factory=dict)
     id: str = ""
     due: float = 0.0

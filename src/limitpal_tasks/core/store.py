@@ -135,29 +135,30 @@ class Store(Protocol):
         ...
 
     def park(self, entry: ParkedEntry, limit: int, now: float | None = None) -> ParkedEntry | None:
-        """Keep ``entry`` until ``entry.delay`` from now; the stored entry (its ``id`` and
-        ``due`` set), or ``None`` when ``entry.key`` already holds ``limit`` parked tasks."""
+        """Keep ``entry`` in the park named ``entry.park`` until ``entry.delay`` from now; the
+        stored entry (its ``id`` and ``due`` set), or ``None`` when ``entry.key`` already
+        holds ``limit`` parked tasks there."""
         ...
 
-    def take_parked(self, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
+    def take_parked(self, park: str, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
         """Claim up to ``limit`` due entries, each for ``lease`` seconds: in due order, each
         key paced at its entries' ``interval``. An entry claimed but not confirmed within
         its lease (its releaser died) is due again."""
         ...
 
-    def confirm_parked(self, entry_id: str) -> None:
+    def confirm_parked(self, park: str, entry_id: str) -> None:
         """A claimed entry was published: forget it."""
         ...
 
-    def parked(self, now: float | None = None) -> list[ParkSummary]:
+    def parked(self, park: str, now: float | None = None) -> list[ParkSummary]:
         """Per key with parked tasks: how many, and the next due time."""
         ...
 
-    def release_parked(self, key: str, now: float | None = None) -> int:
+    def release_parked(self, park: str, key: str, now: float | None = None) -> int:
         """Make every parked task of ``key`` due now (still paced); how many."""
         ...
 
-    def purge_parked(self, key: str | None = None) -> int:
+    def purge_parked(self, park: str, key: str | None = None) -> int:
         """Delete the parked tasks of ``key`` (of every key when ``None``); how many."""
         ...
 

@@ -88,7 +88,7 @@ class MemoryStore:
         """Keys evicted so far (idle past ``idle_ttl``, or beyond ``max_keys``)."""
         self.dead_dropped = 0
         """Dead letters dropped (oldest first) beyond ``dead_letter_limit``."""
-        self._park = _Park()
+        self._parks: dict[str, _Park] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -289,32 +289,38 @@ class MemoryStore:
 
     # -- parked deferrals -------------------------------------------------------
 
+    def _park(self, name: str) -> _Park:
+        park = self._parks.get(name)
+        if park is None:
+            park = self._parks[name] = _Park()
+        return park
+
     def park(self, entry: ParkedEntry, limit: int, now: float | None = None) -> ParkedEntry | None:
         now = self._now(now)
         with self._lock:
-            return self._park.put(entry, limit, now)
+            return self._park(entry.park).put(entry, limit, now)
 
-    def take_parked(self, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
+    def take_parked(self, park: str, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
         now = self._now(now)
         with self._lock:
-            return self._park.take(limit, lease, now)
+            return self._park(park).take(limit, lease, now)
 
-    def confirm_parked(self, entry_id: str) -> None:
+    def confirm_parked(self, park: str, entry_id: str) -> None:
         with self._lock:
-            self._park.confirm(entry_id)
+            self._park(park).confirm(entry_id)
 
-    def parked(self, now: float | None = None) -> list[ParkSummary]:
+    def parked(self, park: str, now: float | None = None) -> list[ParkSummary]:
         with self._lock:
-            return self._park.summary()
+            return self._park(park).summary()
 
-    def release_parked(self, key: str, now: float | None = None) -> int:
+    def release_parked(self, park: str, key: str, now: float | None = None) -> int:
         now = self._now(now)
         with self._lock:
-            return self._park.release(key, now)
+            return self._park(park).release(key, now)
 
-    def purge_parked(self, key: str | None = None) -> int:
+    def purge_parked(self, park: str, key: str | None = None) -> int:
         with self._lock:
-            return self._park.purge(key)
+            return self._park(park).purge(key)
 
     def close(self) -> None:
         """Nothing to release; present for the :class:`Store` contract."""

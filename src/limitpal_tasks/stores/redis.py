@@ -207,10 +207,6 @@ class RedisStore:
         self._dead_limit = str(int(dead_letter_limit))
         self._dead_ttl = str(int(dead_letter_ttl))
         self._dead_keys = [f"{prefix}:{{dead}}:h", f"{prefix}:{{dead}}:z"]
-        self._park_keys = [
-            f"{prefix}:{{park}}:{part}"
-            for part in ("due", "msg", "meta", "claims", "slotted", "count", "pace", "seq")
-        ]
         self._park_ttl = str(int(park_ttl))
         if batch_delay < 0 or batch_size < 1:
             raise ConfigurationError(
@@ -911,17 +907,26 @@ class RedisStore:
 
     # -- parked deferrals -------------------------------------------------------------
 
+    def _park_keys(self, park: str) -> list[str]:
+        """The park's keys, in one cluster slot: ``{prefix}:{park:<name>}:<part>``."""
+        if not park or any(c in park for c in "{} "):
+            raise ConfigurationError("park", park, "expected a non-empty name without braces or spaces")
+        parts = ("due", "msg", "meta", "claims", "slotted", "count", "pace", "seq")
+        return [f"{self.prefix}:{{park:{park}}}:{part}" for part in parts]
+
     def park(self, entry: ParkedEntry, limit: int, now: float | None = None) -> ParkedEntry | None:
         payload = dataclasses.replace(entry, id="", due=0.0).to_json()
         args = ["put", self._now(now), entry.key, _f(entry.delay), _f(entry.interval), payload]
-        reply = self._call("park", self._park_keys, [*args, str(int(limit)), self._park_ttl])
+        reply = self._call("park", self._park_keys(entry.park), [*args, str(int(limit)), self._park_ttl])
         if not reply:
             return None
         return self._parse("park", lambda: dataclasses.replace(entry, id=_s(reply[0]), due=float(reply[1])))
 
-    def take_parked(self, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
+    def take_parked(self, park: str, limit: int, lease: float, now: float | None = None) -> list[ParkedEntry]:
         reply = self._call(
-            "park", self._park_keys, ["take", self._now(now), str(int(limit)), _f(lease), self._park_ttl]
+            "park",
+            self._park_keys(park),
+            ["take", self._now(now), str(int(limit)), _f(lease), self._park_ttl],
         )
 
         def parse() -> list[ParkedEntry]:
@@ -934,12 +939,12 @@ class RedisStore:
 
         return self._parse("take parked", parse)
 
-    def confirm_parked(self, entry_id: str) -> None:
-        self._call("park", self._park_keys, ["confirm", "", entry_id])
+    def confirm_parked(self, park: str, entry_id: str) -> None:
+        self._call("park", self._park_keys(park), ["confirm", "", entry_id])
 
-    def parked(self, now: float | None = None) -> list[ParkSummary]:
-        due, _, meta, *_ = self._park_keys
-        count_key = self._park_keys[5]
+    def parked(self, park: str, now: float | None = None) -> list[ParkSummary]:
+        names = self._park_keys(park)
+        due, meta, count_key = names[0], names[2], names[5]
         try:
             counts = cast(dict[bytes, bytes], self._client.hgetall(count_key))
             scheduled = cast(list[tuple[bytes, float]], self._client.zrange(due, 0, -1, withscores=True))
@@ -964,11 +969,11 @@ class RedisStore:
 
         return self._parse("parked", parse)
 
-    def release_parked(self, key: str, now: float | None = None) -> int:
-        return int(self._call("park", self._park_keys, ["release", self._now(now), key]))
+    def release_parked(self, park: str, key: str, now: float | None = None) -> int:
+        return int(self._call("park", self._park_keys(park), ["release", self._now(now), key]))
 
-    def purge_parked(self, key: str | None = None) -> int:
-        return int(self._call("park", self._park_keys, ["purge", "", "" if key is None else key]))
+    def purge_parked(self, park: str, key: str | None = None) -> int:
+        return int(self._call("park", self._park_keys(park), ["purge", "", "" if key is None else key]))
 
     def purge_dead(self) -> int:
         count = self._call("dead", self._dead_keys, ["purge"])
