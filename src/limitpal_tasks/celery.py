@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
-from .integrations.celery import Cooldown, ResilientTask, install, resilient_task, runtime
+from .integrations.celery import (
+    Cooldown,
+    ResilientTask,
+    install,
+    park_name,
+    releaser,
+    replay,
+    resilient_task,
+    runtime,
+)
 
-__all__ = ["Cooldown", "ResilientTask", "install", "resilient_task", "runtime"]
+__all__ = [
+    "Cooldown",
+    "ResilientTask",
+    "install",
+    "park_name",
+    "releaser",
+    "replay",
+    "resilient_task",
+    "runtime",
+]

@@ -20,14 +20,25 @@ from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred
 from ..core.events import HookRunner, Hooks
 from ..core.keys import ArgBinder, KeySpec, TaskContext
+from ..core.parking import ParkedEntry
 from ..core.pipeline import Pipeline
-from ..core.policy import FailMode, Policy
+from ..core.policy import DeferTransport, FailMode, Policy
 from ..core.store import Store
 from ..errors import ConfigurationError, LimitpalError, StoreError
 from ..stores.factory import store_from_url
 from ..stores.memory import MemoryStore
 
-__all__ = ["HEADER", "Runtime", "Settings", "dead_letter", "message_state", "redacted", "state_header"]
+__all__ = [
+    "HEADER",
+    "Releaser",
+    "Runtime",
+    "Settings",
+    "dead_letter",
+    "message_state",
+    "park",
+    "redacted",
+    "state_header",
+]
 
 log = logging.getLogger("limitpal_tasks.worker")
 
@@ -45,6 +56,8 @@ class Settings:
     fail_mode: FailMode = "open"
     key_prefix: str = "limitpal"
     store_timeout: float = 0.25
+    defer_transport: DeferTransport = "broker"
+    park_name: str | None = None
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any], prefix: str = "limitpal_") -> Settings:
@@ -74,6 +87,16 @@ class Settings:
         timeout = get("store_timeout", 0.25)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigurationError(prefix + "store_timeout", timeout, "expected seconds > 0")
+        transport = get("defer_transport", "broker")
+        if transport not in ("broker", "park"):
+            raise ConfigurationError(prefix + "defer_transport", transport, 'expected "broker" or "park"')
+        park_name = get("park_name", None)
+        if park_name is not None and (
+            not isinstance(park_name, str) or not park_name or any(c in park_name for c in "{} \n")
+        ):
+            raise ConfigurationError(
+                prefix + "park_name", park_name, "expected a name without braces or spaces"
+            )
         raw = get("policies", {})
         if not isinstance(raw, Mapping):
             raise ConfigurationError(
@@ -105,7 +128,16 @@ class Settings:
                     name,
                     f"expected a policy of {prefix}policies ({', '.join(sorted(policies)) or 'none'})",
                 )
-        return cls(store_url, policies, dict(task_policies), fail_mode, key_prefix, float(timeout))
+        return cls(
+            store_url,
+            policies,
+            dict(task_policies),
+            fail_mode,
+            key_prefix,
+            float(timeout),
+            transport,
+            park_name,
+        )
 
 
 def redacted(url: str) -> str:
@@ -194,6 +226,121 @@ def dead_letter(
     # Reported whether or not the store kept it: the task is dead-lettered either way.
     (hooks if hooks is not None else HookRunner()).dead_letter(letter)
     return letter
+
+
+def park(
+    runtime: Runtime,
+    policy: Policy,
+    context: TaskContext,
+    decision: Deferred,
+    park_name: str,
+    payload: dict[str, Any],
+) -> ParkedEntry | None:
+    """Keep a deferred task in the store until it is due; ``None`` when its key's park is full.
+
+    Releases are paced on the key of the policy's first rate limit, at that limit's
+    interval, so a backlog comes back as a ramp; without a rate limit they are not paced.
+    """
+    limit = policy.rates[0] if policy.rates else None
+    template = limit.key if limit is not None and limit.key is not None else policy.key
+    try:
+        key = template.render(context)
+    except LimitpalError:
+        key = policy.name
+    entry = ParkedEntry(
+        park=park_name,
+        task_name=context.task_name,
+        policy=policy.name,
+        key=key,
+        delay=decision.delay,
+        interval=limit.interval if limit is not None else 0.0,
+        payload=payload,
+    )
+    return runtime.store.park(entry, policy.defer.park_limit)
+
+
+class Releaser:
+    """Re-publishes a park's due tasks: one daemon thread per worker process.
+
+    Every worker runs one; the store hands each due entry to exactly one of them under a
+    claim of ``lease`` seconds, and an entry is confirmed only after ``publish`` returned,
+    so a releaser killed between taking and publishing loses nothing (the entry is
+    released again once the lease ends). A failing publish is logged and retried after the
+    lease; a store outage is logged and waited out.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        park_name: str,
+        publish: Callable[[ParkedEntry], None],
+        *,
+        batch: int = 100,
+        lease: float = 30.0,
+        idle: float = 0.1,
+    ) -> None:
+        self.store = store
+        self.park_name = park_name
+        self.publish = publish
+        self.batch = batch
+        self.lease = lease
+        self.idle = idle
+        self.released = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """Take what is due, publish it, confirm it; how many were released."""
+        entries = self.store.take_parked(self.park_name, self.batch, self.lease)
+        done = 0
+        for entry in entries:
+            try:
+                self.publish(entry)
+            except Exception:
+                log.exception(
+                    "could not publish parked %s %s; it is released again after %gs",
+                    entry.task_name,
+                    entry.id,
+                    self.lease,
+                )
+                continue
+            try:
+                self.store.confirm_parked(self.park_name, entry.id)
+            except StoreError as exc:  # published: a second release is possible after the lease
+                log.warning(
+                    "published parked %s %s but could not confirm it: %s", entry.task_name, entry.id, exc
+                )
+            done += 1
+        self.released += done
+        return done
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                released = self.run_once()
+            except StoreError as exc:
+                log.warning("parked tasks: the store is unavailable (%s); trying again", exc)
+                released = 0
+            except Exception:
+                log.exception("parked tasks: the releaser failed; trying again")
+                released = 0
+            if released < self.batch:
+                self._stop.wait(self.idle)
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"limitpal-releaser-{self.park_name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
 
 class Runtime:

@@ -22,6 +22,7 @@ then acknowledged (``Ignore``), so ``request.retries`` is untouched.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import weakref
@@ -30,16 +31,28 @@ from typing import Any, NoReturn, TypeVar, overload
 
 from celery import Celery, Task, shared_task, signals
 from celery.exceptions import Ignore, Reject, Retry
+from kombu import serialization
+from kombu.utils import json as kombu_json
 
 from ..core.deadletter import DeadLetter
 from ..core.decisions import Admitted, Deferred, Outcome
 from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
+from ..core.parking import ParkedEntry
 from ..core.policy import Policy
 from ..errors import ConfigurationError, Cooldown, DeferralLimitExceeded, StoreError
-from ._runtime import HEADER, Runtime, Settings, dead_letter, redacted, state_header
+from ._runtime import HEADER, Releaser, Runtime, Settings, dead_letter, park, redacted, state_header
 
-__all__ = ["Cooldown", "ResilientTask", "install", "replay", "resilient_task", "runtime"]
+__all__ = [
+    "Cooldown",
+    "ResilientTask",
+    "install",
+    "park_name",
+    "releaser",
+    "replay",
+    "resilient_task",
+    "runtime",
+]
 
 log = logging.getLogger("limitpal_tasks.celery")
 
@@ -137,6 +150,11 @@ def _defer(task: Task, rt: Runtime, policy: Policy, context: TaskContext, decisi
         raise error
     headers = dict(request.headers or {})
     headers[HEADER] = state_header(decision)
+    if (policy.defer.transport or rt.settings.defer_transport) == "park" and _park(
+        task, rt, policy, context, decision, headers
+    ):
+        log.debug("parked %s %s for %.3fs: %s", task.name, request.id, decision.delay, decision.reason)
+        raise Ignore()
     signature = task.signature_from_request(request, countdown=decision.delay, headers=headers)
     try:
         signature.apply_async()
@@ -146,6 +164,84 @@ def _defer(task: Task, rt: Runtime, policy: Policy, context: TaskContext, decisi
         raise Reject(exc, requeue=True) from exc
     log.debug("deferred %s %s by %.3fs: %s", task.name, request.id, decision.delay, decision.reason)
     raise Ignore()
+
+
+def park_name(app: Celery) -> str:
+    """The park this app's deferred tasks wait in (``limitpal_park_name``, default ``celery``)."""
+    return runtime(app).settings.park_name or "celery"
+
+
+def _park(
+    task: Task, rt: Runtime, policy: Policy, context: TaskContext, decision: Deferred, headers: dict[str, Any]
+) -> bool:
+    """Park the deferred task in the store; False to fall back to a broker countdown.
+
+    The task is kept as its signature (JSON) with its arguments serialized by the task's
+    own serializer (base64), so it is published again exactly as Celery would.
+    """
+    request = task.request
+    signature = task.signature_from_request(request, headers=headers)
+    serializer = task.serializer or task.app.conf.task_serializer
+    try:
+        content_type, encoding, body = serialization.dumps(  # type: ignore[no-untyped-call]
+            (list(signature.args), dict(signature.kwargs)), serializer=serializer
+        )
+        spec = dict(signature)
+        spec["args"], spec["kwargs"] = (), {}
+        payload = {
+            "signature": kombu_json.dumps(spec),  # type: ignore[no-untyped-call]
+            "body": base64.b64encode(body if isinstance(body, bytes) else body.encode()).decode(),
+            "content_type": content_type,
+            "content_encoding": encoding,
+        }
+        parked = park(rt, policy, context, decision, park_name(task.app), payload)
+    except StoreError as exc:
+        log.warning("could not park %s %s (%s); deferring through the broker", task.name, request.id, exc)
+        return False
+    except (TypeError, ValueError) as exc:
+        log.warning("could not park %s %s (%s); deferring through the broker", task.name, request.id, exc)
+        return False
+    if parked is None:
+        waited = max(0.0, time.time() - decision.first_seen)
+        error = DeferralLimitExceeded(decision.reason, "park_full", decision.deferrals, waited)
+        _dead_letter(task, rt, policy, context, "park_full", str(error))
+        raise error
+    return True
+
+
+def _publisher(app: Celery) -> Callable[[ParkedEntry], None]:
+    def publish(entry: ParkedEntry) -> None:
+        payload = entry.payload
+        args, kwargs = serialization.loads(  # type: ignore[no-untyped-call]
+            base64.b64decode(payload["body"]),
+            payload["content_type"],
+            payload["content_encoding"],
+            accept={payload["content_type"]},
+        )
+        app.signature(kombu_json.loads(payload["signature"])).apply_async(args=tuple(args), kwargs=kwargs)  # type: ignore[no-untyped-call]
+
+    return publish
+
+
+_releasers: weakref.WeakKeyDictionary[Celery, Releaser] = weakref.WeakKeyDictionary()
+
+
+def releaser(app: Celery) -> Releaser:
+    """The thread that re-publishes ``app``'s parked tasks when due (one per worker)."""
+    found = _releasers.get(app)
+    if found is None:
+        found = _releasers[app] = Releaser(runtime(app).store, park_name(app), _publisher(app))
+    return found
+
+
+def _uses_park(app: Celery, rt: Runtime) -> bool:
+    if rt.settings.defer_transport == "park":
+        return True
+    for task in app.tasks.values():
+        policy = _policy_of(task, rt)
+        if policy is not None and policy.defer.transport == "park":
+            return True
+    return False
 
 
 def _dead_letter(
@@ -271,13 +367,25 @@ def install(app: Celery) -> Celery:
         if found is not None:
             found.after_fork()
 
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is not app:
+            return
+        rt = runtime(app)
+        if _uses_park(app, rt):
+            releaser(app).start()
+            log.info("limitpal: releasing parked tasks of park %r", park_name(app))
+
     def on_shutdown(**_: Any) -> None:
-        found = _runtimes.get(app)
+        found = _releasers.pop(app, None)
         if found is not None:
-            found.close()
+            found.stop()
+        rt = _runtimes.get(app)
+        if rt is not None:
+            rt.close()
 
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_process_shutdown.connect(on_shutdown, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     return app
@@ -300,7 +408,8 @@ def _check_tasks(app: Celery, rt: Runtime) -> None:
             continue
         policy.check_keys(task.run)
         visibility = _visibility_timeout(app)
-        if visibility is not None and policy.defer.max_delay >= visibility:
+        transport = policy.defer.transport or rt.settings.defer_transport
+        if transport == "broker" and visibility is not None and policy.defer.max_delay >= visibility:
             raise ConfigurationError(
                 f"policy {policy.name!r}: defer.max_delay",
                 policy.defer.max_delay,

@@ -21,11 +21,12 @@ from the policy, so the two agree.
 
 from __future__ import annotations
 
+import base64
 import inspect
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,10 +37,11 @@ from ..core.deadletter import DeadLetter
 from ..core.decisions import Deferred, Outcome, Ticket
 from ..core.events import Hooks
 from ..core.keys import KeySpec, TaskContext
-from ..core.policy import FailMode, Policy
+from ..core.parking import ParkedEntry
+from ..core.policy import DeferTransport, FailMode, Policy
 from ..core.store import Store
-from ..errors import ConfigurationError, Cooldown
-from ._runtime import HEADER, Runtime, Settings, dead_letter, state_header
+from ..errors import ConfigurationError, Cooldown, StoreError
+from ._runtime import HEADER, Releaser, Runtime, Settings, dead_letter, park, state_header
 
 __all__ = ["ActorConfigurationError", "Cooldown", "LimitpalMiddleware", "install", "replay"]
 
@@ -71,6 +73,8 @@ class LimitpalMiddleware(Middleware):
         fail_mode: FailMode = "open",
         key_prefix: str = "limitpal",
         hooks: tuple[Hooks, ...] = (),
+        defer_transport: DeferTransport = "broker",
+        park_name: str | None = None,
     ) -> None:
         settings = Settings.from_mapping(
             {
@@ -78,10 +82,13 @@ class LimitpalMiddleware(Middleware):
                 "policies": dict(policies or {}),
                 "fail_mode": fail_mode,
                 "key_prefix": key_prefix,
+                "defer_transport": defer_transport,
+                "park_name": park_name,
             },
             prefix="",
         )
         self.runtime = Runtime(settings, store=None if isinstance(store, str) else store, hooks=hooks)
+        self.releaser: Releaser | None = None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], prefix: str = "limitpal_") -> LimitpalMiddleware:
@@ -89,6 +96,7 @@ class LimitpalMiddleware(Middleware):
         parsed = Settings.from_mapping(settings, prefix=prefix)
         middleware = cls.__new__(cls)
         middleware.runtime = Runtime(parsed)
+        middleware.releaser = None
         return middleware
 
     @classmethod
@@ -106,7 +114,7 @@ class LimitpalMiddleware(Middleware):
                 raise ConfigurationError(
                     "LIMITPAL_POLICIES_FILE", path, f"expected a readable JSON file ({exc})"
                 ) from None
-        for name in ("fail_mode", "key_prefix"):
+        for name in ("fail_mode", "key_prefix", "defer_transport", "park_name"):
             if f"LIMITPAL_{name.upper()}" in env:
                 settings[f"limitpal_{name}"] = env[f"LIMITPAL_{name.upper()}"]
         return cls.from_settings(settings)
@@ -138,6 +146,32 @@ class LimitpalMiddleware(Middleware):
 
     def after_process_boot(self, broker: Any) -> None:
         self.runtime.after_fork()  # worker processes are forked: fresh connections
+
+    @property
+    def park_name(self) -> str:
+        """The park this broker's deferred messages wait in (default ``dramatiq``)."""
+        return self.runtime.settings.park_name or "dramatiq"
+
+    def uses_park(self, broker: Any) -> bool:
+        """Whether any actor of ``broker`` (or the worker setting) parks its deferrals."""
+        if self.runtime.settings.defer_transport == "park":
+            return True
+        for name in broker.get_declared_actors():
+            policy = self._policy(broker.get_actor(name))
+            if policy is not None and policy.defer.transport == "park":
+                return True
+        return False
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        if self.uses_park(broker):
+            self.releaser = Releaser(self.runtime.store, self.park_name, _publisher(broker))
+            self.releaser.start()
+            log.info("limitpal: releasing parked messages of park %r", self.park_name)
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        if self.releaser is not None:
+            self.releaser.stop()
+            self.releaser = None
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
         self.runtime.close()
@@ -247,11 +281,44 @@ class LimitpalMiddleware(Middleware):
             )
             message.fail()  # to Dramatiq's own dead-letter queue as well
             raise SkipMessage(decision.exhausted)
-        self._requeue(broker, message, policy, context, decision)
+        if (policy.defer.transport or self.runtime.settings.defer_transport) != "park" or not self._park(
+            message, policy, context, decision
+        ):
+            self._requeue(broker, message, policy, context, decision)
         # The Results middleware would store None for a skipped delivery under this message
         # id; the requeued copy carries the real result later.
         message.options["store_results"] = False
         raise SkipMessage(decision.reason)
+
+    def _park(self, message: Any, policy: Policy, context: TaskContext, decision: Deferred) -> bool:
+        """Park the message in the store (encoded by Dramatiq's encoder); False to use the broker."""
+        copy = message.copy(options={**message.options, HEADER: state_header(decision)})
+        copy.options.pop("redis_message_id", None)  # the Redis broker gives each enqueue its own
+        payload = {"message": base64.b64encode(copy.encode()).decode()}
+        try:
+            parked = park(self.runtime, policy, context, decision, self.park_name, payload)
+        except StoreError as exc:
+            log.warning(
+                "could not park %s %s (%s); deferring through the broker",
+                message.actor_name,
+                message.message_id,
+                exc,
+            )
+            return False
+        if parked is None:
+            self._dead_letter(
+                message, policy, context, "park_full", f"park full after {decision.deferrals} deferrals"
+            )
+            message.fail()
+            raise SkipMessage("park_full")
+        log.debug(
+            "parked %s %s for %.3fs: %s",
+            message.actor_name,
+            message.message_id,
+            decision.delay,
+            decision.reason,
+        )
+        return True
 
     def _requeue(
         self, broker: Any, message: Any, policy: Policy, context: TaskContext, decision: Deferred
@@ -280,6 +347,13 @@ class LimitpalMiddleware(Middleware):
             letter_id=message.message_id,
             hooks=self.runtime.pipeline.hooks,
         )
+
+
+def _publisher(broker: Any) -> Callable[[ParkedEntry], None]:
+    def publish(entry: ParkedEntry) -> None:
+        broker.enqueue(dramatiq.Message.decode(base64.b64decode(entry.payload["message"])))
+
+    return publish
 
 
 def _event_loop(actor: Any) -> Any:
