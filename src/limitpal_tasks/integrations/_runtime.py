@@ -58,6 +58,7 @@ class Settings:
     store_timeout: float = 0.25
     defer_transport: DeferTransport = "broker"
     park_name: str | None = None
+    park_lease: float = 30.0
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any], prefix: str = "limitpal_") -> Settings:
@@ -97,6 +98,9 @@ class Settings:
             raise ConfigurationError(
                 prefix + "park_name", park_name, "expected a name without braces or spaces"
             )
+        lease = get("park_lease", 30.0)
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+            raise ConfigurationError(prefix + "park_lease", lease, "expected seconds > 0")
         raw = get("policies", {})
         if not isinstance(raw, Mapping):
             raise ConfigurationError(
@@ -137,6 +141,7 @@ class Settings:
             float(timeout),
             transport,
             park_name,
+            float(lease),
         )
 
 

@@ -230,7 +230,10 @@ def releaser(app: Celery) -> Releaser:
     """The thread that re-publishes ``app``'s parked tasks when due (one per worker)."""
     found = _releasers.get(app)
     if found is None:
-        found = _releasers[app] = Releaser(runtime(app).store, park_name(app), _publisher(app))
+        rt = runtime(app)
+        found = _releasers[app] = Releaser(
+            rt.store, park_name(app), _publisher(app), lease=rt.settings.park_lease
+        )
     return found
 
 

@@ -117,6 +117,15 @@ class LimitpalMiddleware(Middleware):
         for name in ("fail_mode", "key_prefix", "defer_transport", "park_name"):
             if f"LIMITPAL_{name.upper()}" in env:
                 settings[f"limitpal_{name}"] = env[f"LIMITPAL_{name.upper()}"]
+        for name in ("store_timeout", "park_lease"):
+            if f"LIMITPAL_{name.upper()}" in env:
+                raw = env[f"LIMITPAL_{name.upper()}"]
+                try:
+                    settings[f"limitpal_{name}"] = float(raw)
+                except ValueError:
+                    raise ConfigurationError(
+                        f"LIMITPAL_{name.upper()}", raw, "expected seconds > 0"
+                    ) from None
         return cls.from_settings(settings)
 
     # -- declaration ------------------------------------------------------------------
@@ -164,7 +173,9 @@ class LimitpalMiddleware(Middleware):
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
         if self.uses_park(broker):
-            self.releaser = Releaser(self.runtime.store, self.park_name, _publisher(broker))
+            self.releaser = Releaser(
+                self.runtime.store, self.park_name, _publisher(broker), lease=self.runtime.settings.park_lease
+            )
             self.releaser.start()
             log.info("limitpal: releasing parked messages of park %r", self.park_name)
 
