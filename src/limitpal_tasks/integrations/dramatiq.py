@@ -73,17 +73,23 @@ class LimitpalMiddleware(Middleware):
         fail_mode: FailMode = "open",
         key_prefix: str = "limitpal",
         hooks: tuple[Hooks, ...] = (),
+        task_policies: Mapping[str, str] | None = None,
+        store_timeout: float = 0.25,
         defer_transport: DeferTransport = "broker",
         park_name: str | None = None,
+        park_lease: float = 30.0,
     ) -> None:
         settings = Settings.from_mapping(
             {
                 "store_url": store if isinstance(store, str) else "memory://",
                 "policies": dict(policies or {}),
+                "task_policies": dict(task_policies or {}),
                 "fail_mode": fail_mode,
                 "key_prefix": key_prefix,
+                "store_timeout": store_timeout,
                 "defer_transport": defer_transport,
                 "park_name": park_name,
+                "park_lease": park_lease,
             },
             prefix="",
         )
@@ -91,16 +97,20 @@ class LimitpalMiddleware(Middleware):
         self.releaser: Releaser | None = None
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], prefix: str = "limitpal_") -> LimitpalMiddleware:
+    def from_settings(
+        cls, settings: Mapping[str, Any], prefix: str = "limitpal_", *, hooks: tuple[Hooks, ...] = ()
+    ) -> LimitpalMiddleware:
         """Build from the same plain settings the Celery side reads (``limitpal_store_url``, ...)."""
         parsed = Settings.from_mapping(settings, prefix=prefix)
         middleware = cls.__new__(cls)
-        middleware.runtime = Runtime(parsed)
+        middleware.runtime = Runtime(parsed, hooks=hooks)
         middleware.releaser = None
         return middleware
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> LimitpalMiddleware:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, hooks: tuple[Hooks, ...] = ()
+    ) -> LimitpalMiddleware:
         """Build from ``LIMITPAL_STORE_URL`` and ``LIMITPAL_POLICIES_FILE`` (JSON: name → policy fields)."""
         import json  # noqa: PLC0415 - only this path reads files
 
@@ -126,7 +136,7 @@ class LimitpalMiddleware(Middleware):
                     raise ConfigurationError(
                         f"LIMITPAL_{name.upper()}", raw, "expected seconds > 0"
                     ) from None
-        return cls.from_settings(settings)
+        return cls.from_settings(settings, hooks=hooks)
 
     # -- declaration ------------------------------------------------------------------
 
