@@ -348,6 +348,76 @@ def override(
             click.echo(f"{key}: {_limit_text(limit_id)} now runs at {rate} burst {burst}, {until}")
 
 
+_PARKS = click.option(
+    "--park",
+    "parks",
+    multiple=True,
+    default=("celery", "dramatiq"),
+    show_default=True,
+    help="Which park (limitpal_park_name; repeat for several).",
+)
+
+
+@main.group()
+def parked() -> None:
+    """Deferred tasks waiting in the store (DeferPolicy(transport="park"))."""
+
+
+@parked.command("list")
+@_PARKS
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+@_STORE
+@_PREFIX
+def parked_list(parks: tuple[str, ...], as_json: bool, store_url: str, prefix: str) -> None:
+    """Parked tasks per key: how many, and when the next one is due."""
+    with _open(store_url, prefix) as store:
+        rows = [(name, summary) for name in parks for summary in store.parked(name)]
+    now = time.time()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [{"park": n, "key": s.key, "count": s.count, "next_due": s.next_due} for n, s in rows],
+                indent=2,
+            )
+        )
+        return
+    if not rows:
+        click.echo("nothing parked")
+        return
+    table = [["PARK", "KEY", "PARKED", "NEXT DUE"]]
+    table += [[n, s.key, str(s.count), _until(s.next_due, now)] for n, s in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@parked.command("release")
+@click.argument("key")
+@_PARKS
+@_STORE
+@_PREFIX
+def parked_release(key: str, parks: tuple[str, ...], store_url: str, prefix: str) -> None:
+    """Make KEY's parked tasks due now (the releasers still pace them at the key's rate)."""
+    with _open(store_url, prefix) as store:
+        count = sum(store.release_parked(name, key) for name in parks)
+    click.echo(f"{key}: {count} parked tasks due now")
+
+
+@parked.command("purge")
+@click.argument("key", required=False)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_PARKS
+@_STORE
+@_PREFIX
+def parked_purge(key: str | None, yes: bool, parks: tuple[str, ...], store_url: str, prefix: str) -> None:
+    """Delete KEY's parked tasks (every key's without KEY): they will not run."""
+    if not yes:
+        click.confirm(f"Delete the parked tasks of {key or 'every key'}? They will not run.", abort=True)
+    with _open(store_url, prefix) as store:
+        count = sum(store.purge_parked(name, key) for name in parks)
+    click.echo(f"deleted {count} parked tasks")
+
+
 @main.group()
 def dead() -> None:
     """Dead letters: tasks that exhausted their attempts, deferrals or deadline."""

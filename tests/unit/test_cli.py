@@ -399,3 +399,27 @@ def test_status_shows_an_adaptive_rate_and_its_last_change(store: RedisStore) ->
     assert "adaptive 50/s burst 1 (was 100/s 0s ago)" in row
     (limit,) = status["rates"].values()
     assert (limit["adaptive"]["rate"], limit["adaptive"]["previous"]) == (50.0, 100.0)
+
+
+def test_parked_list_release_and_purge(store: RedisStore) -> None:
+    """parked list shows counts per key and the next due time; release makes them due; purge deletes."""
+    from limitpal_tasks.core.parking import ParkedEntry
+
+    for n, delay in enumerate([300.0, 60.0]):
+        store.park(
+            ParkedEntry("celery", "proj.charge", "payments", "tenant:acme", delay, 0.1, {"n": n}), limit=10
+        )
+    store.park(ParkedEntry("dramatiq", "notify", "hooks", "tenant:globex", 30.0, 0.0, {}), limit=10)
+
+    listing = run("parked", "list").splitlines()
+    (as_json,) = [r for r in json.loads(run("parked", "list", "--json")) if r["key"] == "tenant:acme"]
+
+    assert listing[0].split() == ["PARK", "KEY", "PARKED", "NEXT", "DUE"]
+    assert listing[1].split()[:3] == ["celery", "tenant:acme", "2"]
+    assert re.search(r"in (59|60)\.\ds", listing[1])
+    assert listing[2].split()[:3] == ["dramatiq", "tenant:globex", "1"]
+    assert as_json["count"] == 2
+    assert "tenant:acme: 2 parked tasks due now" in run("parked", "release", "tenant:acme")
+    assert len(store.take_parked("celery", 10, 30.0)) == 1, "due now, paced at the key's interval"
+    assert "deleted 3 parked tasks" in run("parked", "purge", "--yes")
+    assert "nothing parked" in run("parked", "list")
