@@ -3,9 +3,10 @@
 Options: ``--quick`` (short smoke sizes), ``--only NAME`` (repeatable), ``--framework
 celery|dramatiq`` (repeatable), ``--serial`` (run limitpal and the baseline one after the
 other instead of side by side), ``--no-readme``, ``--report-only`` (rebuild the tables and
-the README section from the last full run's JSON, starting no worker). Writes
-``benchmarks/results/<scenario>.json``, ``<scenario>.png``, ``scenarios.json``, prints the
-tables, and (full runs) regenerates the README's "Why" section. Raw events stay under
+the README section from the last full run's JSON and any scenario measured on its own since,
+starting no worker). Writes ``benchmarks/results/<scenario>.json``, ``<scenario>.png``,
+``scenarios.json`` (whole runs only: a partial one leaves it), prints the tables, and (full
+runs) regenerates the README's "Why" section. Raw events stay under
 ``benchmarks/results/scenarios-raw/``.
 """
 
@@ -19,6 +20,7 @@ import platform
 import signal
 import sys
 import time
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
@@ -29,6 +31,7 @@ from .definitions import (
     DRAMATIQ_MAX_RETRIES,
     SCENARIOS,
     Scenario,
+    Variant,
     scenarios,
 )
 from .harness import BROKER_URL, STORE_URL, RunData, RunPlan, flush, run_side_by_side
@@ -39,29 +42,30 @@ from .workers import BENCH, stop_all
 
 RESULTS = BENCH / "results"
 RAW = RESULTS / "scenarios-raw"
-VARIANTS = ("limitpal", "baseline")
 FRAMEWORKS = ("celery", "dramatiq")
 
 
-def plan(scenario: Scenario, framework: str, variant: str, round_: int = 0) -> RunPlan:
-    limitpal = variant == "limitpal"
-    tag = f"{framework}-{variant}"
+def plan(scenario: Scenario, framework: str, variant: Variant, round_: int = 0) -> RunPlan:
+    limitpal = variant.limitpal
+    tag = f"{framework}-{variant.name}"
     rate = scenario.rate  # Celery: rate_limit of the one worker instance; Dramatiq: per tenant
     events = RAW / scenario.name / (tag if not round_ else f"{tag}-r{round_}")
     spec = WorkerSpec(
         framework=framework,
-        variant=variant,
+        variant="limitpal" if limitpal else "baseline",
         queue=f"scn-{scenario.name}-{tag}",
         events_dir=str(events),
         broker_url=BROKER_URL,
         store_url=STORE_URL,
         key_prefix=f"scn-{tag}",
         upstream_prefix=None if scenario.noop else f"up-{tag}",
-        policy=scenario.policy if limitpal else None,
+        policy=(variant.policy or scenario.policy) if limitpal else None,
         rate=None if limitpal else rate,
         max_retries=CELERY_MAX_RETRIES if framework == "celery" else DRAMATIQ_MAX_RETRIES,
         backoff=BACKOFF,
         backoff_max=BACKOFF_MAX,
+        label=variant.name,
+        on_429=variant.on_429,
     )
     events.mkdir(parents=True, exist_ok=True)
     return RunPlan(
@@ -74,23 +78,27 @@ def plan(scenario: Scenario, framework: str, variant: str, round_: int = 0) -> R
         quota=scenario.quota,
         outage=scenario.outage,
         preload=scenario.preload,
+        steps=scenario.steps,
     )
 
 
 def run_scenario(scenario: Scenario, frameworks: list[str], serial: bool) -> dict[str, dict[str, RunData]]:
     runs: dict[str, dict[str, RunData]] = {}
     for framework in frameworks:
+        if framework not in scenario.frameworks:
+            continue
         print(f"  {framework}", flush=True)
         if scenario.side_by_side and not serial:
-            found = run_side_by_side([plan(scenario, framework, v) for v in VARIANTS])
-            runs[framework] = {run.plan.spec.variant: run for run in found}
+            found = run_side_by_side([plan(scenario, framework, v) for v in scenario.variants])
+            runs[framework] = {run.plan.spec.name: run for run in found}
             continue
         best: dict[str, RunData] = {}
         for round_ in range(scenario.rounds):
-            for variant in VARIANTS:
+            for variant in scenario.variants:
                 (run,) = run_side_by_side([plan(scenario, framework, variant, round_)])
-                if variant not in best or _throughput(run) > _throughput(best[variant]):
-                    best[variant] = run
+                name = variant.name
+                if name not in best or _throughput(run) > _throughput(best[name]):
+                    best[name] = run
         runs[framework] = best
     return runs
 
@@ -116,7 +124,7 @@ def analyse(scenario: Scenario, runs: dict[str, dict[str, RunData]]) -> dict[str
                 "workers": {"processes": run.plan.processes, "threads": run.plan.threads},
                 "policy": run.plan.spec.policy,
                 "baseline_rate": run.plan.spec.rate,
-                "max_retries": run.plan.spec.max_retries if variant == "baseline" else None,
+                "max_retries": run.plan.spec.max_retries if run.plan.spec.variant == "baseline" else None,
             }
         if scenario.name == "overhead" and {"limitpal", "baseline"} <= set(out[framework]):
             plain = out[framework]["baseline"]["metrics"].get("tasks_per_s") or math.nan
@@ -155,14 +163,23 @@ def report_only() -> int:
     frameworks = meta["frameworks"]
     summary: dict[str, Any] = {}
     rows: list[list[str]] = []
+    separate: list[str] = []
     for scenario in scenarios():
         path = RESULTS / f"{scenario.name}.json"
         if path.exists():
             payload = _unclean(json.loads(path.read_text()))
+            if payload.get("quick"):
+                print(f"{path.name}: a --quick run, left out (run it at full size)", file=sys.stderr)
+                continue
             summary[scenario.name] = payload
             rows.extend(headline_rows(scenario, payload["results"], frameworks))
+            if _later(payload.get("when"), meta.get("when")):
+                separate.append(
+                    f"{scenario.title}: measured on its own (`--only {scenario.name}`) at "
+                    f"{payload['when']} in {payload['seconds']:.0f} s."
+                )
     print_headline(rows, frameworks)
-    remarks = notes(summary)
+    remarks = notes(summary) + separate
     for remark in remarks:
         print(f"- {remark}")
     meta.update(headline=rows, notes=remarks)
@@ -170,6 +187,14 @@ def report_only() -> int:
     write_readme(rows, frameworks, meta, remarks)
     print("README.md: the Why section was regenerated from benchmarks/results/*.json")
     return 0
+
+
+def _later(when: str | None, than: str | None) -> bool:
+    """Whether timestamp ``when`` (``%Y-%m-%dT%H:%M:%S%z``) comes after ``than``."""
+    if not when or not than:
+        return False
+    pattern = "%Y-%m-%dT%H:%M:%S%z"
+    return datetime.strptime(when, pattern) > datetime.strptime(than, pattern)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     for remark in remarks:
         print(f"- {remark}")
     print(f"\n{len(chosen)} scenario(s) in {elapsed:.0f} s; results in {RESULTS}")
+    full = not args.quick and not args.only and not args.framework and not args.serial
+    if args.only or args.framework or args.serial:
+        # scenarios.json describes the last whole run (what --report-only builds the README from):
+        # a partial run leaves it; its own <scenario>.json files join the next --report-only.
+        print("scenarios.json kept (partial run): `python -m scenarios --report-only` rebuilds the README")
+        return 0
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
@@ -243,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         "notes": remarks,
     }
     (RESULTS / "scenarios.json").write_text(json.dumps(_clean(meta), indent=2) + "\n")
-    full = not args.quick and not args.only and not args.framework and not args.serial
     if full and not args.no_readme:
         write_readme(all_rows, frameworks, meta, remarks)
         print("README.md: the Why section was regenerated")

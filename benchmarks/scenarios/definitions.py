@@ -24,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from limitpal_tasks.stores.redis import RedisStore
+
 from .harness import Load, RunData, Send, sleep_until
 from .measures import bins, first_sustained, max_in_window, percentile
 
-__all__ = ["SCENARIOS", "Headline", "Scenario", "scenarios"]
+__all__ = ["SCENARIOS", "Headline", "Scenario", "Variant", "scenarios"]
 
 RETRY: dict[str, Any] = {
     "max_attempts": 6,
@@ -35,6 +37,14 @@ RETRY: dict[str, Any] = {
     "backoff_max": 10.0,
     "jitter": "full",
     "retry_on": ["scenarios.upstream.UpstreamError"],
+}
+ADAPTIVE_POLICY: dict[str, Any] = {
+    "key": "service:upstream",
+    "rate": {
+        "rate": "50/s",
+        "adaptive": {"floor": "5/s", "ceiling": "200/s", "increase": 10.0, "cooldown": 1.0, "decrease": 0.5},
+    },
+    "retry": RETRY,
 }
 CELERY_MAX_RETRIES = 5
 DRAMATIQ_MAX_RETRIES = 20
@@ -53,6 +63,21 @@ class Headline:
     target: str
     meets: Callable[[float], bool] | None = None
     unit: str = ""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One side of a scenario: limitpal_tasks with a policy, or the framework's own tools."""
+
+    name: str  # in results, queues and key prefixes
+    label: str  # in tables and plots
+    limitpal: bool = True
+    policy: dict[str, Any] | None = None  # limitpal: this policy instead of the scenario's
+    on_429: str = "cooldown"  # limitpal: a 429 becomes Cooldown(retry_after), or "raise" it
+
+
+LIMITPAL = Variant("limitpal", "limitpal_tasks")
+BASELINE = Variant("baseline", "baseline", limitpal=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,13 @@ class Scenario:
     side_by_side: bool = True
     rounds: int = 1
     params: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[Variant, ...] = (LIMITPAL, BASELINE)  # the first is the "limitpal" column
+    frameworks: tuple[str, ...] = ("celery", "dramatiq")
+    steps: tuple[tuple[float, int], ...] = ()  # the upstream's capacity: (seconds after t0, quota)
+
+
+def _fixed(rate: str) -> dict[str, Any]:
+    return {"key": "service:upstream", "rate": {"rate": rate}, "retry": RETRY}
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -245,6 +277,113 @@ def _overhead(run: RunData, scenario: Scenario) -> Metrics:
     return {"tasks_per_s": len(ends) / elapsed if elapsed else None, **_common(run)}
 
 
+# -- adaptive rate -----------------------------------------------------------------------------
+
+
+def _saturating_load(outstanding: int, duration: float, key: str, sample: float, drain: float) -> Load:
+    """Keeps ``outstanding`` tasks published and not yet final for ``duration`` seconds, then stops.
+
+    Demand exceeds the upstream's capacity throughout (a queue that always has work), so goodput
+    measures what the limiter lets through, and the run ends soon after the schedule: each
+    variant only drains the ``outstanding`` tasks left. A variant with an adaptive limit has the
+    key's rate sampled from the store every ``sample`` seconds (``rate`` events) until every task
+    is final (or ``drain`` seconds after the schedule).
+    """
+
+    def load(send: Send, t0: float) -> None:
+        spec = send.spec
+        store = None
+        if spec.variant == "limitpal" and "adaptive" in (spec.policy or {}).get("rate", {}):
+            store = RedisStore.from_url(spec.store_url, prefix=spec.key_prefix)
+        sent = 0
+        next_sample = t0
+        try:
+            sleep_until(t0)
+            while True:
+                now = time.time()
+                done = send.finished()
+                if now < t0 + duration:
+                    while sent - done < outstanding:
+                        send("api", f"C{sent:06d}")
+                        sent += 1
+                elif done >= sent or now > t0 + duration + drain:
+                    break
+                if store is not None and now >= next_sample:
+                    for slot, adaptive in store.status(key).adaptive.items():
+                        send.note("rate", slot=slot, r=round(adaptive.rate, 3))
+                    next_sample = max(next_sample + sample, now)
+                time.sleep(0.01)
+        finally:
+            if store is not None:
+                store.close()
+
+    return load
+
+
+def _capacity_at(steps: tuple[tuple[float, int], ...], t: float) -> float:
+    """The upstream's quota ``t`` seconds after t0 (``nan`` before the first step)."""
+    quota = math.nan
+    for at, q in steps:
+        if t >= at:
+            quota = float(q)
+    return quota
+
+
+def _phases(scenario: Scenario) -> list[tuple[float, float, int]]:
+    """``(start, end, capacity)`` of every step of the schedule, in seconds after t0."""
+    steps = scenario.steps
+    ends = [at for at, _ in steps[1:]] + [scenario.params["duration"]]
+    return [(at, end, q) for (at, q), end in zip(steps, ends)]
+
+
+def _adaptive(run: RunData, scenario: Scenario) -> Metrics:
+    duration = scenario.params["duration"]
+    t0 = run.t0
+    ok = [a.t - t0 for a in run.arrivals if a.status == 200]
+    in_window = [t for t in ok if 0.0 <= t < duration]
+    statuses = [a.status for a in run.arrivals]
+    capacity = sum((end - start) * q for start, end, q in _phases(scenario))
+    latencies = [
+        final[1] - run.enqueued[task_id][0]
+        for task_id, final in run.finished.items()
+        if final[0] == "ok" and task_id in run.enqueued
+    ]
+    metrics: Metrics = {
+        "goodput": len(in_window) / duration,
+        "capacity_mean": capacity / duration,
+        "goodput_share": len(in_window) / capacity,
+        "upstream_calls": len(statuses),
+        "upstream_429": statuses.count(429),
+        "share_429": statuses.count(429) / len(statuses) if statuses else None,
+        "latency_p50": percentile(latencies, 50),
+        "latency_p95": percentile(latencies, 95),
+        "succeeded": len(latencies),
+    }
+    samples = [(float(e["t"]) - t0, float(e["r"])) for e in run.of("rate")]
+    for i, (start, end, q) in enumerate(_phases(scenario), 1):
+        calls = [a for a in run.arrivals if start <= a.t - t0 < end]
+        metrics[f"phase{i}_capacity"] = float(q)
+        metrics[f"phase{i}_goodput"] = sum(1 for a in calls if a.status == 200) / (end - start)
+        metrics[f"phase{i}_429"] = sum(1 for a in calls if a.status == 429)
+        rates = [r for t, r in samples if start <= t < end]
+        metrics[f"phase{i}_rate_mean"] = sum(rates) / len(rates) if rates else None
+        if i > 1 and rates:
+            # How long the learned rate took to come within 20 % of the new capacity.
+            previous = _phases(scenario)[i - 2][2]
+            near = next(
+                (
+                    t
+                    for t, r in samples
+                    if start <= t < end and (r <= 1.2 * q if q < previous else r >= 0.8 * q)
+                ),
+                None,
+            )
+            metrics[f"phase{i}_follow_s"] = None if near is None else near - start
+    ends = [t for _, t in run.finished.values()]
+    metrics["drain_after_s"] = max(ends) - (t0 + duration) if ends else None
+    return {**_common(run), **metrics}
+
+
 # -- the list ----------------------------------------------------------------------------------
 
 
@@ -256,6 +395,8 @@ def scenarios(quick: bool = False) -> list[Scenario]:
     accuracy_s = 8.0 if quick else 30.0
     noop_n = 600 if quick else 3000
     outage_duration = sum(steady)
+    phase = 5.0 if quick else 20.0  # adaptive rate: capacity 100/s, then 30/s, then 100/s again
+    outstanding = 40 if quick else 80
     breaker = {
         "key": "service:upstream",
         "minimum_calls": 20,
@@ -373,6 +514,47 @@ def scenarios(quick: bool = False) -> list[Scenario]:
             burst=20,
             quota=220,
             params={"rate": 200.0},
+        ),
+        Scenario(
+            name="adaptive_rate",
+            title="Adaptive rate",
+            describe=(
+                f"the upstream's capacity is 100/s for {phase:g} s, 30/s for {phase:g} s, 100/s for "
+                f"{phase:g} s (429 beyond it, in any sliding second); {outstanding} tasks always "
+                f"waiting on one key (a new one for each that ends) for {3 * phase:g} s, then drained. "
+                "limitpal_tasks three ways, side by side: adaptive (start 50/s, floor 5/s, ceiling "
+                "200/s, increase 10/s per s, cooldown 1 s, decrease 0.5), fixed at the ceiling 200/s, "
+                "fixed at the floor 5/s; a 429 propagates (status_code 429: the overload signal) and "
+                "is retried (6 attempts). Dramatiq, 2 worker processes each."
+            ),
+            processes=2,
+            threads=4,
+            timeout=3 * phase + outstanding / 5 + 20,
+            load=_saturating_load(outstanding, 3 * phase, "service:upstream", 0.2, outstanding / 5 + 15),
+            analyse=_adaptive,
+            headline=(
+                Headline(
+                    "goodput",
+                    f"adaptive rate: goodput, successful calls/s over the {3 * phase:g} s schedule "
+                    "(capacity averages 76.7/s)",
+                    "",
+                    None,
+                    "/s",
+                ),
+                Headline("goodput_share", "adaptive rate: goodput ÷ capacity", "", None),
+                Headline("upstream_429", "adaptive rate: 429 answers", "", None),
+                Headline("share_429", "adaptive rate: 429 share of upstream calls", "", None),
+                Headline("latency_p95", "adaptive rate: p95 latency, enqueue → success", "", None, " s"),
+            ),
+            policy=ADAPTIVE_POLICY,
+            variants=(
+                Variant("adaptive", "adaptive 5–200/s", policy=ADAPTIVE_POLICY, on_429="raise"),
+                Variant("fixed_ceiling", "fixed 200/s", policy=_fixed("200/s"), on_429="raise"),
+                Variant("fixed_floor", "fixed 5/s", policy=_fixed("5/s"), on_429="raise"),
+            ),
+            frameworks=("dramatiq",),
+            steps=((0.0, 100), (phase, 30), (2 * phase, 100)),
+            params={"duration": 3 * phase, "outstanding": outstanding},
         ),
         Scenario(
             name="overhead",

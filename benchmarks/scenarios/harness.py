@@ -49,7 +49,19 @@ POLL = 0.25
 
 
 class Send(Protocol):
+    """Publishes one task; also what a load that reacts to the run may ask."""
+
+    spec: WorkerSpec
+
     def __call__(self, tenant: str, task_id: str) -> None: ...
+
+    def finished(self) -> int:
+        """How many published tasks reached a final state (``ok`` or ``fail``) so far."""
+        ...
+
+    def note(self, event: str, **fields: Any) -> None:
+        """Record an event of the load's own (e.g. a sample of the store) with the run's events."""
+        ...
 
 
 Load = Callable[[Send, float], None]
@@ -80,10 +92,11 @@ class RunPlan:
     quota: int | None = None
     outage: tuple[float, float] | None = None  # (start, end) seconds after t0
     preload: bool = False  # publish everything before the workers start (throughput runs)
+    steps: tuple[tuple[float, int], ...] = ()  # capacity schedule: (seconds after t0, quota)
 
     @property
     def name(self) -> str:
-        return f"{self.spec.framework}/{self.spec.variant}"
+        return f"{self.spec.framework}/{self.spec.name}"
 
 
 @dataclass
@@ -153,9 +166,12 @@ class RunData:
 
 class _Sender:
     def __init__(self, plan: RunPlan, record: Recorder) -> None:
+        self.spec = plan.spec
         self.framework = plan.spec.framework
         self.queue = plan.spec.queue
         self.record = record
+        self._tail: EventTail | None = None
+        self._final: set[str] = set()
         self.celery: Celery | None = None
         self.dramatiq: RedisBroker | None = None
         if self.framework == "celery":
@@ -180,6 +196,17 @@ class _Sender:
                 message_id=task_id,
             )
             self.dramatiq.enqueue(message)
+
+    def finished(self) -> int:
+        if self._tail is None:
+            self._tail = EventTail(Path(self.spec.events_dir))
+        for event in self._tail.read():
+            if event["e"] in ("ok", "fail"):
+                self._final.add(event["id"])
+        return len(self._final)
+
+    def note(self, event: str, **fields: Any) -> None:
+        self.record(event, **fields)
 
     def close(self) -> None:
         if self.celery is not None:
@@ -278,6 +305,7 @@ def _run(runs: list[_Run], log: Callable[[str], None]) -> list[RunData]:
             quota=run.plan.quota,
             down_from=None if outage is None else t0 + outage[0],
             down_until=None if outage is None else t0 + outage[1],
+            steps=[(t0 + at, quota) for at, quota in run.plan.steps],
         )
     if any(run.plan.preload for run in runs):
         t0 = time.time()

@@ -22,6 +22,9 @@ Runs = dict[str, dict[str, RunData]]  # framework -> variant -> run
 STYLE: dict[str, dict[str, Any]] = {
     "limitpal": {"color": "tab:blue", "ls": "-"},
     "baseline": {"color": "tab:red", "ls": "--"},
+    "adaptive": {"color": "tab:blue", "ls": "-"},
+    "fixed_ceiling": {"color": "tab:red", "ls": "--"},
+    "fixed_floor": {"color": "tab:green", "ls": "-."},
 }
 LABEL = {"limitpal": "limitpal_tasks", "baseline": "baseline"}
 
@@ -33,11 +36,15 @@ def plot(scenario: Scenario, runs: Runs, path: Path) -> None:
         "outage": _outage,
         "rate_accuracy": _accuracy,
         "overhead": _overhead,
+        "adaptive_rate": _adaptive,
     }[scenario.name]
     frameworks = list(runs)
-    rows = 2 if scenario.name == "noisy_neighbour" else 1
+    if not frameworks:
+        return
+    rows = 2 if scenario.name in ("noisy_neighbour", "adaptive_rate") else 1
+    width = 10.0 if scenario.name == "adaptive_rate" else 6.0  # one framework, a minute of time
     fig, axes = plt.subplots(
-        rows, len(frameworks), figsize=(6.0 * len(frameworks), 4.2 * rows), squeeze=False
+        rows, len(frameworks), figsize=(width * len(frameworks), 4.2 * rows), squeeze=False
     )
     for column, framework in enumerate(frameworks):
         drawer(scenario, framework, runs[framework], [axes[r][column] for r in range(rows)])
@@ -163,3 +170,42 @@ def _overhead(scenario: Scenario, framework: str, runs: dict[str, RunData], axes
     ax.bar(names, values, color=["tab:blue" if n != "plain" else "tab:red" for n in names])
     ax.set_ylabel("no-op tasks per second")
     ax.set_title(f"{framework}: overhead")
+
+
+def _adaptive(scenario: Scenario, framework: str, runs: dict[str, RunData], axes: list[Axes]) -> None:
+    top, bottom = axes
+    labels = {v.name: v.label for v in scenario.variants}
+    end = scenario.params["duration"]
+    for run in runs.values():
+        end = max(end, max((a.t - run.t0 for a in run.arrivals), default=0.0))
+    xs = [i + 0.5 for i in range(math.ceil(end))]
+    steps = scenario.steps
+    cap_x = [at for at, _ in steps] + [scenario.params["duration"]]
+    cap_y = [q for _, q in steps] + [steps[-1][1]]
+    top.step(cap_x, cap_y, where="post", color="black", lw=2.2, alpha=0.35, label="upstream capacity")
+    for variant, run in runs.items():
+        style = STYLE.get(variant, {})
+        ok = [a.t - run.t0 for a in run.arrivals if a.status == 200]
+        rejected = [a.t - run.t0 for a in run.arrivals if a.status == 429]
+        top.plot(xs, bins(ok, 0.0, len(xs), 1.0), lw=1.0, label=f"{labels[variant]}: goodput", **style)
+        bottom.plot(xs, bins(rejected, 0.0, len(xs), 1.0), lw=1.0, label=labels[variant], **style)
+        samples = [(float(e["t"]) - run.t0, float(e["r"])) for e in run.of("rate")]
+        if samples:
+            top.plot(
+                [t for t, _ in samples],
+                [r for _, r in samples],
+                color="tab:purple",
+                lw=1.0,
+                ls=":",
+                label=f"{labels[variant]}: learned rate (store)",
+            )
+    top.set_ylim(0, 160)
+    top.set_xlabel("seconds since start")
+    top.set_ylabel("calls/s (1 s bins)")
+    top.set_title(f"{framework}: capacity, learned rate and goodput")
+    top.legend(fontsize=7, loc="upper right")
+    bottom.set_yscale("symlog", linthresh=10)
+    bottom.set_xlabel("seconds since start")
+    bottom.set_ylabel("429 answers/s (1 s bins, symlog)")
+    bottom.set_title(f"{framework}: overload answers")
+    bottom.legend(fontsize=7, loc="upper right")

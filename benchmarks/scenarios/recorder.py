@@ -46,6 +46,13 @@ class WorkerSpec:
     max_retries: int
     backoff: float  # seconds: Celery's retry_backoff, Dramatiq's min_backoff
     backoff_max: float  # seconds
+    label: str | None = None  # the variant's name when a scenario runs several limitpal policies
+    on_429: str = "cooldown"  # limitpal: a 429 becomes Cooldown(retry_after), or "raise": it propagates
+
+    @property
+    def name(self) -> str:
+        """The variant's name in results: ``label``, or ``variant``."""
+        return self.label or self.variant
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

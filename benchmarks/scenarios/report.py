@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .definitions import Scenario
+from .definitions import Scenario, Variant
 from .workers import BENCH
 
 __all__ = ["headline_rows", "notes", "print_details", "print_headline", "write_readme"]
@@ -13,7 +13,6 @@ __all__ = ["headline_rows", "notes", "print_details", "print_headline", "write_r
 README = BENCH.parent / "README.md"
 BEGIN = "<!-- scenarios:begin -->"
 END = "<!-- scenarios:end -->"
-VARIANTS = ("limitpal", "baseline")
 NAMES = {"celery": "Celery", "dramatiq": "Dramatiq"}
 
 Results = dict[str, dict[str, dict[str, Any]]]
@@ -34,34 +33,61 @@ def fmt(value: object, unit: str = "") -> str:
     return str(value)
 
 
+def _columns(scenario: Scenario) -> tuple[Variant, tuple[Variant, ...]]:
+    """The variant in the "limitpal" column, and those sharing the "baseline" column."""
+    first, *others = scenario.variants
+    return first, tuple(others)
+
+
+def _cell(others: tuple[Variant, ...], text: dict[str, str]) -> str:
+    if len(others) == 1:
+        return text[others[0].name]
+    return "; ".join(f"{v.label}: {text[v.name]}" for v in others)
+
+
 def headline_rows(scenario: Scenario, results: Results, frameworks: list[str]) -> list[list[str]]:
-    """Rows: measure, target, then limitpal and baseline per framework, then met / not met."""
+    """Rows: measure, target, then limitpal and baseline per framework, then met / not met.
+
+    A scenario with more than two variants puts its first in the limitpal column and the
+    others, each named, in the baseline column; a framework it does not run reads "not run".
+    """
+    first, others = _columns(scenario)
     rows = []
     for head in scenario.headline:
         cells = []
         verdicts = []
         for framework in frameworks:
-            for variant in VARIANTS:
-                metrics = results.get(framework, {}).get(variant, {}).get("metrics", {})
+            if framework not in scenario.frameworks:
+                cells += ["not run", "not run"]
+                continue
+            text = {}
+            for variant in scenario.variants:
+                metrics = results.get(framework, {}).get(variant.name, {}).get("metrics", {})
                 value = metrics.get(head.metric)
-                cells.append(fmt(value, head.unit))
-                if variant == "limitpal" and head.meets is not None:
+                text[variant.name] = fmt(value, head.unit)
+                if variant is first and head.meets is not None:
                     ok = value is not None and not math.isnan(value) and head.meets(value)
                     verdicts.append(f"{NAMES[framework]}: {'met' if ok else 'NOT met'}")
+            cells += [text[first.name], _cell(others, text)]
         rows.append([head.label, head.target or "—", *cells, "; ".join(verdicts) or "—"])
     cells = []
     verdicts = []
     for framework in frameworks:
-        for variant in VARIANTS:
-            accounting = results.get(framework, {}).get(variant, {}).get("accounting", {})
+        if framework not in scenario.frameworks:
+            cells += ["not run", "not run"]
+            continue
+        text = {}
+        for variant in scenario.variants:
+            accounting = results.get(framework, {}).get(variant.name, {}).get("accounting", {})
             balanced = bool(accounting.get("balanced"))
-            cells.append(
+            text[variant.name] = (
                 f"{accounting.get('enqueued', 0)} = {accounting.get('succeeded', 0)} + "
                 f"{accounting.get('failed', 0)} + {accounting.get('dead_lettered', 0)}"
                 + ("" if balanced else f" NOT exact ({accounting.get('unfinished', 0)} unfinished)")
             )
-            if variant == "limitpal":
+            if variant is first:
                 verdicts.append(f"{NAMES[framework]}: {'met' if balanced else 'NOT met'}")
+        cells += [text[first.name], _cell(others, text)]
     rows.append(
         [
             f"{scenario.name.replace('_', ' ')}: nothing lost",
@@ -89,15 +115,15 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def print_details(scenario: Scenario, results: Results) -> None:
+    order = [v.name for v in scenario.variants]
     for framework, variants in results.items():
         names = sorted({m for v in variants.values() for m in v["metrics"]})
         rows = [
-            [name, *(fmt(variants.get(v, {}).get("metrics", {}).get(name)) for v in VARIANTS)]
-            for name in names
+            [name, *(fmt(variants.get(v, {}).get("metrics", {}).get(name)) for v in order)] for name in names
         ]
-        rows.append(["nothing lost", *(variants.get(v, {}).get("nothing_lost", "n/a") for v in VARIANTS)])
+        rows.append(["nothing lost", *(variants.get(v, {}).get("nothing_lost", "n/a") for v in order)])
         print(f"\n{scenario.name} — {NAMES[framework]}")
-        _print_table(["metric", "limitpal", "baseline"], rows)
+        _print_table(["metric", *order], rows)
 
 
 def print_headline(rows: list[list[str]], frameworks: list[str]) -> None:
@@ -139,6 +165,7 @@ def write_readme(
     rows: list[list[str]], frameworks: list[str], meta: dict[str, Any], remarks: list[str]
 ) -> None:
     """Replace the text between the markers of README.md (adding the section if it is missing)."""
+    adaptive = any(row[0].startswith("adaptive rate:") for row in rows)
     body = "\n".join(
         [
             BEGIN,
@@ -153,6 +180,17 @@ def write_readme(
             "`Retries` middleware. Targets apply to limitpal_tasks; the baselines are measured for "
             "comparison. Definitions, sizes and the raw figures: `benchmarks/scenarios/` and "
             "`benchmarks/results/*.json`.",
+            *(
+                [
+                    "",
+                    "The adaptive-rate rows compare three limitpal_tasks policies instead, on Dramatiq "
+                    "only, against an upstream whose capacity drops from 100/s to 30/s and comes back: an "
+                    "adaptive limit (floor 5/s, ceiling 200/s; the limitpal cells) and fixed limits at its "
+                    "ceiling and at its floor (the baseline cells).",
+                ]
+                if adaptive
+                else []
+            ),
             "",
             markdown(rows, frameworks),
             "",
@@ -163,6 +201,15 @@ def write_readme(
             *([""] if remarks else []),
             "![Noisy neighbour: tenant B's latency and completions by tenant]"
             "(benchmarks/results/noisy_neighbour.png)",
+            *(
+                [
+                    "",
+                    "![Adaptive rate: the learned rate follows the upstream's capacity; goodput and 429 "
+                    "answers of the adaptive and fixed limits](benchmarks/results/adaptive_rate.png)",
+                ]
+                if adaptive
+                else []
+            ),
             END,
         ]
     )

@@ -38,13 +38,15 @@ class RecordingHooks(Hooks):
 class TaskBody:
     """Calls the upstream for a tenant (or nothing, for no-op tasks) and records start and end.
 
-    Under limitpal a 429 becomes :class:`Cooldown` (the key pauses, the task is deferred);
-    under a baseline it stays an :class:`UpstreamThrottled` error, which the framework retries.
+    Under limitpal a 429 becomes :class:`Cooldown` (the key pauses, the task is deferred),
+    unless the spec says ``on_429="raise"``; under a baseline (or with ``"raise"``) it stays an
+    :class:`UpstreamThrottled` error (``status_code`` 429), which the framework or the
+    policy's retry retries, and which an adaptive rate limit reads as an overload signal.
     """
 
     def __init__(self, spec: WorkerSpec, record: Recorder) -> None:
         self.record = record
-        self.limitpal = spec.variant == "limitpal"
+        self.limitpal = spec.variant == "limitpal" and spec.on_429 == "cooldown"
         self.upstream = (
             Upstream.from_url(spec.store_url, spec.upstream_prefix) if spec.upstream_prefix else None
         )

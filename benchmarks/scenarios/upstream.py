@@ -1,14 +1,16 @@
 """The simulated upstream: a fault schedule and per-tenant quotas kept in Redis (db 15).
 
 Every call is one Lua script run on the Redis server: it reads the schedule the harness
-wrote (``down_from``/``down_until``, server-clock seconds, and a per-tenant ``quota`` of
-calls in any sliding second), decides the status the upstream would answer (200, 429 with
+wrote (``down_from``/``down_until``, server-clock seconds; a per-tenant ``quota`` of calls
+in any sliding second, and optionally ``steps``, a capacity schedule that changes that quota
+at given times), decides the status the upstream would answer (200, 429 with
 a ``Retry-After``, or 503 while down) and appends the arrival to a list, so every call that
 reached the upstream is on record with the server's time, whichever process made it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -21,12 +23,17 @@ __all__ = ["Arrival", "Upstream", "UpstreamDown", "UpstreamError", "UpstreamThro
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local cfg = redis.call('HMGET', KEYS[1], 'down_from', 'down_until', 'quota')
+local cfg = redis.call('HMGET', KEYS[1], 'down_from', 'down_until', 'quota', 'steps')
+local quota = cfg[3] and tonumber(cfg[3])
+if cfg[4] then  -- 'at:quota;at:quota;...', ascending: the last step reached is in force
+  for at, q in string.gmatch(cfg[4], '([^:;]+):([^;]+)') do
+    if now >= tonumber(at) then quota = tonumber(q) end
+  end
+end
 local status, retry_ms = 200, 0
 if cfg[1] and now >= tonumber(cfg[1]) and now < tonumber(cfg[2]) then
   status = 503
-elseif cfg[3] then
-  local quota = tonumber(cfg[3])
+elseif quota then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1.0)
   if redis.call('ZCARD', KEYS[3]) >= quota then
     status = 429
@@ -51,7 +58,13 @@ class UpstreamDown(UpstreamError):
 
 
 class UpstreamThrottled(UpstreamError):
-    """429: this tenant's quota is spent; ``retry_after`` says for how long."""
+    """429: this tenant's quota is spent; ``retry_after`` says for how long.
+
+    It carries ``status_code = 429`` like an HTTP client's error, so an adaptive rate limit's
+    default overload signal recognizes it when a task lets it propagate.
+    """
+
+    status_code = 429
 
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"429, retry after {retry_after:.3f}s")
@@ -85,12 +98,23 @@ class Upstream:
     # -- the harness's side -----------------------------------------------------
 
     def configure(
-        self, *, quota: int | None = None, down_from: float | None = None, down_until: float | None = None
+        self,
+        *,
+        quota: int | None = None,
+        down_from: float | None = None,
+        down_until: float | None = None,
+        steps: Sequence[tuple[float, int]] = (),
     ) -> None:
-        """Write the script: a per-tenant quota per sliding second, and an outage (epoch seconds)."""
+        """Write the script: a per-tenant quota per sliding second, and an outage (epoch seconds).
+
+        ``steps``: ``(at, quota)`` pairs (epoch seconds): from ``at`` on, the quota is ``quota``
+        (a capacity schedule; before the first step, ``quota`` applies, or none).
+        """
         mapping: dict[str, str] = {}
         if quota is not None:
             mapping["quota"] = str(quota)
+        if steps:
+            mapping["steps"] = ";".join(f"{at!r}:{q:d}" for at, q in sorted(steps))
         if down_from is not None and down_until is not None:
             mapping["down_from"] = repr(down_from)
             mapping["down_until"] = repr(down_until)
