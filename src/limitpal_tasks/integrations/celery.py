@@ -117,7 +117,18 @@ def _run(
             policy, context, "paused", exc.retry_after, ticket.admitted_at + elapsed
         )
         _defer(task, rt, policy, context, deferred)
-    except (Retry, Ignore, Reject):
+    except Retry as exc:
+        # The task retries itself (self.retry, autoretry_for): the failure it retries for
+        # still counts, so a breaker sees an upstream failing behind autoretry_for too.
+        cause = exc.exc if isinstance(exc.exc, Exception) else None
+        outcome = (
+            Outcome.ignored(time.monotonic() - start)
+            if cause is None
+            else rt.pipeline.outcome_of(policy, cause, time.monotonic() - start)
+        )
+        rt.pipeline.record(ticket, outcome)
+        raise
+    except (Ignore, Reject):
         rt.pipeline.record(ticket, Outcome.ignored(time.monotonic() - start))  # the task chose its own path
         raise
     except Exception as exc:
