@@ -668,3 +668,36 @@ def test_check_keys_accepts_callable_keys() -> None:
     """A callable key names no parameter, so it always passes the check."""
     policy = Policy("p", key=lambda context: "fixed")
     policy.check_keys(charge)
+
+
+# -- worker settings ------------------------------------------------------------------
+
+
+def test_an_unknown_worker_setting_is_rejected_naming_it() -> None:
+    """A typo such as limitpal_policy (for limitpal_policies) stops the worker instead of passing silently."""
+    from limitpal_tasks.integrations._runtime import Settings
+
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_mapping({"limitpal_policy": {"api": {"rate": "5/s"}}, "broker_url": "memory://"})
+    assert caught.value.field == "limitpal_policy"
+    assert "policies" in caught.value.expected
+
+
+def test_parking_settings_are_validated() -> None:
+    """limitpal_defer_transport, limitpal_park_name and limitpal_park_lease name the bad value."""
+    from limitpal_tasks.integrations._runtime import Settings
+
+    settings = Settings.from_mapping({"limitpal_defer_transport": "park", "limitpal_park_lease": 5})
+    assert (settings.defer_transport, settings.park_lease) == ("park", 5.0)
+    for name, value in (("defer_transport", "queue"), ("park_name", "a b"), ("park_lease", 0)):
+        with pytest.raises(ConfigurationError) as caught:
+            Settings.from_mapping({f"limitpal_{name}": value})
+        assert (caught.value.field, caught.value.value) == (f"limitpal_{name}", value)
+
+
+def test_a_bad_duration_says_what_a_duration_may_be() -> None:
+    """A duration that does not parse names the accepted forms, strings included."""
+    with pytest.raises(ConfigurationError) as caught:
+        Breaker(open_for="soon")
+    assert caught.value.field == "breaker.open_for"
+    assert '"10m"' in caught.value.expected

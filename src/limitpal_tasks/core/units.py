@@ -35,7 +35,9 @@ def parse_duration(field: str, value: object, *, allow_zero: bool = True, allow_
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, bool):
-        raise ConfigurationError(field, value, "expected seconds (number or timedelta)")
+        raise ConfigurationError(
+            field, value, 'expected a duration: seconds, a timedelta or a string such as "10m" or "250ms"'
+        )
     elif isinstance(value, (int, float)):
         try:
             seconds = float(value)
@@ -44,7 +46,9 @@ def parse_duration(field: str, value: object, *, allow_zero: bool = True, allow_
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m["n"]) * _UNIT_SECONDS[(m["unit"] or "s").lower()]
     else:
-        raise ConfigurationError(field, value, "expected seconds (number or timedelta)")
+        raise ConfigurationError(
+            field, value, 'expected a duration: seconds, a timedelta or a string such as "10m" or "250ms"'
+        )
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(field, value, f"expected a finite duration {bound}")

@@ -46,6 +46,22 @@ HEADER = "limitpal"
 """The message header (Celery) / option (Dramatiq) carrying deferral state across requeues."""
 
 
+_SETTINGS = frozenset(
+    {
+        "store_url",
+        "policies",
+        "task_policies",
+        "fail_mode",
+        "key_prefix",
+        "store_timeout",
+        "defer_transport",
+        "park_name",
+        "park_lease",
+        "hooks",  # Celery only: read by the Celery integration
+    }
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated worker-level settings, the same for Celery (``app.conf.limitpal_*``) and Dramatiq."""
@@ -71,6 +87,13 @@ class Settings:
         def get(name: str, default: Any) -> Any:
             value = conf.get(prefix + name)
             return default if value is None else value
+
+        if prefix:  # a typo such as limitpal_policy must not pass silently
+            for name in conf:
+                if isinstance(name, str) and name.startswith(prefix) and name[len(prefix) :] not in _SETTINGS:
+                    raise ConfigurationError(
+                        name, conf[name], f"unknown setting; expected one of {', '.join(sorted(_SETTINGS))}"
+                    )
 
         fail_mode = get("fail_mode", "open")
         if fail_mode not in ("open", "closed"):
