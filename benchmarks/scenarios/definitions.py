@@ -42,7 +42,7 @@ ADAPTIVE_POLICY: dict[str, Any] = {
     "key": "service:upstream",
     "rate": {
         "rate": "50/s",
-        "adaptive": {"floor": "5/s", "ceiling": "200/s", "increase": 10.0, "cooldown": 1.0, "decrease": 0.5},
+        "adaptive": {"floor": "5/s", "ceiling": "200/s", "increase": 20.0, "cooldown": 1.0, "decrease": 0.5},
     },
     "retry": RETRY,
 }
@@ -397,6 +397,9 @@ def scenarios(quick: bool = False) -> list[Scenario]:
     outage_duration = sum(steady)
     phase = 5.0 if quick else 20.0  # adaptive rate: capacity 100/s, then 30/s, then 100/s again
     outstanding = 40 if quick else 80
+    start = ADAPTIVE_POLICY["rate"]["rate"]
+    learn = ADAPTIVE_POLICY["rate"]["adaptive"]
+    floor_ceiling = f"{learn['floor'].removesuffix('/s')}–{learn['ceiling']}"
     breaker = {
         "key": "service:upstream",
         "minimum_calls": 20,
@@ -522,10 +525,11 @@ def scenarios(quick: bool = False) -> list[Scenario]:
                 f"the upstream's capacity is 100/s for {phase:g} s, 30/s for {phase:g} s, 100/s for "
                 f"{phase:g} s (429 beyond it, in any sliding second); {outstanding} tasks always "
                 f"waiting on one key (a new one for each that ends) for {3 * phase:g} s, then drained. "
-                "limitpal_tasks three ways, side by side: adaptive (start 50/s, floor 5/s, ceiling "
-                "200/s, increase 10/s per s, cooldown 1 s, decrease 0.5), fixed at the ceiling 200/s, "
-                "fixed at the floor 5/s; a 429 propagates (status_code 429: the overload signal) and "
-                "is retried (6 attempts). Dramatiq, 2 worker processes each."
+                f"limitpal_tasks three ways, side by side: adaptive (start {start}, floor "
+                f"{learn['floor']}, ceiling {learn['ceiling']}, increase {learn['increase']:g}/s per s, "
+                f"cooldown {learn['cooldown']:g} s, decrease {learn['decrease']:g}), fixed at the ceiling "
+                f"{learn['ceiling']}, fixed at the floor {learn['floor']}; a 429 propagates (status_code "
+                "429: the overload signal) and is retried (6 attempts). Dramatiq, 2 worker processes each."
             ),
             processes=2,
             threads=4,
@@ -548,9 +552,16 @@ def scenarios(quick: bool = False) -> list[Scenario]:
             ),
             policy=ADAPTIVE_POLICY,
             variants=(
-                Variant("adaptive", "adaptive 5–200/s", policy=ADAPTIVE_POLICY, on_429="raise"),
-                Variant("fixed_ceiling", "fixed 200/s", policy=_fixed("200/s"), on_429="raise"),
-                Variant("fixed_floor", "fixed 5/s", policy=_fixed("5/s"), on_429="raise"),
+                Variant("adaptive", f"adaptive {floor_ceiling}", policy=ADAPTIVE_POLICY, on_429="raise"),
+                Variant(
+                    "fixed_ceiling",
+                    f"fixed {learn['ceiling']}",
+                    policy=_fixed(learn["ceiling"]),
+                    on_429="raise",
+                ),
+                Variant(
+                    "fixed_floor", f"fixed {learn['floor']}", policy=_fixed(learn["floor"]), on_429="raise"
+                ),
             ),
             frameworks=("dramatiq",),
             steps=((0.0, 100), (phase, 30), (2 * phase, 100)),
