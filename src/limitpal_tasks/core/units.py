@@ -11,7 +11,8 @@ from ..errors import ConfigurationError
 
 __all__ = ["Duration", "Rate", "RateLike", "exact", "parse_duration", "parse_rate"]
 
-Duration = float | int | timedelta
+Duration = float | int | timedelta | str
+"""Seconds, a ``timedelta``, or a string such as ``"10m"``, ``"1.5s"``, ``"250ms"``."""
 """Seconds as a number, or a :class:`datetime.timedelta`."""
 
 _PERIODS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
