@@ -63,7 +63,7 @@ BAD_COMPONENT_FIELDS: list[tuple[str, Callable[[], object], object]] = [
     ("breaker.slow_call_duration", lambda: Breaker(slow_call_duration=-1), -1),
     ("breaker.slow_call_rate_threshold", lambda: Breaker(slow_call_rate_threshold=101), 101),
     ("breaker.open_for", lambda: Breaker(open_for=0), 0),
-    ("breaker.open_for", lambda: Breaker(open_for="forever"), "forever"),  # type: ignore[arg-type]
+    ("breaker.open_for", lambda: Breaker(open_for="forever"), "forever"),
     ("breaker.open_for_max", lambda: Breaker(open_for=60, open_for_max=10), 10),
     ("breaker.multiplier", lambda: Breaker(multiplier=0.5), 0.5),
     ("breaker.open_jitter", lambda: Breaker(open_jitter=1.5), 1.5),
@@ -177,8 +177,7 @@ def test_component_defaults_follow_resilience4j() -> None:
 
 def test_durations_accept_timedelta_and_strings() -> None:
     """Component durations given as ``timedelta`` or ``"10m"`` are stored as float seconds."""
-    # Strings are accepted at runtime (settings files hold them) though not in the annotations.
-    breaker = Breaker(open_for=timedelta(seconds=30), open_for_max="10m", busy_delay="250ms")  # type: ignore[arg-type]
+    breaker = Breaker(open_for=timedelta(seconds=30), open_for_max="10m", busy_delay="250ms")
     assert (breaker.open_for, breaker.open_for_max, breaker.busy_delay) == (30.0, 600.0, 0.25)
 
 
