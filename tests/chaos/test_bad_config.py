@@ -237,6 +237,9 @@ settings_mappings = st.fixed_dictionaries(
         "limitpal_store_timeout": hostile(st.floats(0, 5)).filter(
             lambda v: not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1e6)
         ),
+        "limitpal_defer_transport": hostile(st.sampled_from(["broker", "park"])),
+        "limitpal_park_name": hostile(st.sampled_from(["celery", "dramatiq-redis", "a b", "{x}"])),
+        "limitpal_park_lease": hostile(durations),
     },
 )
 
