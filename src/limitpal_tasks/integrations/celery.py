@@ -223,11 +223,13 @@ def _park(
 def _publisher(app: Celery) -> Callable[[ParkedEntry], None]:
     def publish(entry: ParkedEntry) -> None:
         payload = entry.payload
+        # Only what this worker accepts from its broker (accept_content): an entry written
+        # into the store by someone else must not be able to make it unpickle anything.
         args, kwargs = serialization.loads(  # type: ignore[no-untyped-call]
             base64.b64decode(payload["body"]),
             payload["content_type"],
             payload["content_encoding"],
-            accept={payload["content_type"]},
+            accept=app.conf.accept_content,
         )
         app.signature(kombu_json.loads(payload["signature"])).apply_async(args=tuple(args), kwargs=kwargs)  # type: ignore[no-untyped-call]
 
