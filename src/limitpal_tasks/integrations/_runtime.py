@@ -8,6 +8,7 @@ on either.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -186,19 +187,46 @@ def state_header(decision: Deferred) -> dict[str, Any]:
     }
 
 
+_MAX_DEFERRALS_HEADER = 1_000_000
+_FUTURE_SLACK = 30 * 86400.0  # no legitimate slot or first-seen time is this far ahead
+
+
 def message_state(header: object) -> tuple[int, float | None, dict[str, float]]:
-    """``(deferrals, first_seen, reservations)`` from a message's header; tolerant of junk."""
-    if not isinstance(header, Mapping):
+    """``(deferrals, first_seen, reservations)`` from a message's header.
+
+    Anything malformed or implausible — wrong types, negative or huge counts, times that
+    are not finite or lie far in the future — makes the whole header count as absent
+    (logged): a forged header can reset a task's own bounds at worst, never crash the
+    worker or skip the pipeline (a forged reservation is still checked by the store).
+    """
+    if header is None:
         return 0, None, {}
     try:
-        deferrals = int(header.get("deferrals", 0))
+        if not isinstance(header, Mapping):
+            raise TypeError("not a mapping")
+        raw = header.get("deferrals", 0)
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= _MAX_DEFERRALS_HEADER:
+            raise ValueError(f"deferrals {raw!r}")
+        horizon = time.time() + _FUTURE_SLACK
         first = header.get("first_seen")
-        first_seen = None if first is None else float(first)
-        reservations = {str(k): float(v) for k, v in (header.get("reservations") or {}).items()}
-    except (TypeError, ValueError, AttributeError):
-        log.warning("ignoring a malformed %r header: %r", HEADER, header)
+        first_seen = None if first is None else _plausible_time(first, horizon)
+        slots = header.get("reservations") or {}
+        if not isinstance(slots, Mapping):
+            raise TypeError("reservations are not a mapping")
+        reservations = {str(k): _plausible_time(v, horizon) for k, v in slots.items()}
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+        log.warning("ignoring a malformed %r header (%s): %.200r", HEADER, exc, header)
         return 0, None, {}
-    return deferrals, first_seen, reservations
+    return raw, first_seen, reservations
+
+
+def _plausible_time(value: object, horizon: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"time {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and 0 <= number <= horizon):
+        raise ValueError(f"time {value!r}")
+    return number
 
 
 def dead_letter(
