@@ -18,9 +18,11 @@ import json
 import math
 import platform
 import signal
+import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -189,6 +191,33 @@ def report_only() -> int:
     return 0
 
 
+def _library() -> dict[str, Any]:
+    """Which limitpal_tasks the run measured: its folder, and its commit when known.
+
+    Other changes may be in progress in the working tree: a run against the editable install
+    says whether ``src/`` differed from its commit (``dirty``); a run against a snapshot
+    (``git archive HEAD src | tar -x -C DIR``, then ``PYTHONPATH=DIR/src``) names the commit
+    written to ``DIR/COMMIT``.
+    """
+    import limitpal_tasks  # noqa: PLC0415
+
+    folder = Path(limitpal_tasks.__file__).resolve().parent
+    info: dict[str, Any] = {"path": str(folder)}
+    snapshot = folder.parent.parent / "COMMIT"
+    if snapshot.exists():
+        info.update(commit=snapshot.read_text().strip(), snapshot=True)
+        return info
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        info.update(commit=commit, dirty=bool(git("status", "--porcelain", "--", ".")))
+    return info
+
+
 def _later(when: str | None, than: str | None) -> bool:
     """Whether timestamp ``when`` (``%Y-%m-%dT%H:%M:%S%z``) comes after ``than``."""
     if not when or not than:
@@ -223,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = args.framework or list(FRAMEWORKS)
     chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
     RESULTS.mkdir(exist_ok=True)
+    library = _library()
     started = time.time()
     summary: dict[str, Any] = {}
     all_rows: list[list[str]] = []
@@ -243,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 "side_by_side": scenario.side_by_side and not args.serial,
                 "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.time() - t, 1),
+                "library": library,
                 "results": results,
             }
             (RESULTS / f"{scenario.name}.json").write_text(json.dumps(_clean(payload), indent=2) + "\n")
