@@ -17,10 +17,13 @@ Every task and actor takes ``(job, tenant)``: ``job`` is unique per enqueued mes
 what the records count. Records are JSON lines in Redis lists ``{prefix}:rec:{kind}``:
 
 - ``starts``/``runs``: a task body began / finished (``fallback``: it was admitted by the
-  per-process fallback store, not the shared one; ``header``: the ``limitpal`` header it ran with);
+  per-process fallback store, not the shared one; ``admitted_at``: the store's clock at the
+  admission, immune to a worker's scheduling delays; ``header``: the ``limitpal`` header it
+  ran with);
 - ``holding``: a body is holding its slots until the test releases it (or kills the worker);
 - ``defers``/``deads``/``store_errors``/``store_calls``: the pipeline's hooks (``on_defer``,
-  ``on_dead_letter``, ``on_store_error``, ``on_store_call`` with each call's latency);
+  ``on_dead_letter``, ``on_store_error`` with the error's text, ``on_store_call`` with each
+  call's latency);
 - ``failures``: a task failed (Celery ``task_failure``, a Dramatiq message failed).
 """
 
@@ -190,6 +193,7 @@ class RecordingHooks(Hooks):
 
     def on_store_error(self, policy: str, error: BaseException, fallback: str) -> None:
         recorder().incr(record_key(PREFIX, f"store_errors:{self.framework}:{fallback}"))
+        record("store_errors", fw=self.framework, kind=policy, error=str(error)[:200])
 
     def on_store_call(self, operation: StoreOperation, seconds: float, ok: bool) -> None:
         record("store_calls", fw=self.framework, op=operation, seconds=seconds, ok=ok)
@@ -200,6 +204,7 @@ def body(framework: str, kind: str, job: str, tenant: str, header: object) -> st
     decision = getattr(_local, "decision", None)
     _local.decision = None
     fallback = decision.ticket.fallback if isinstance(decision, Admitted) else None
+    admitted_at = decision.ticket.admitted_at if isinstance(decision, Admitted) else None
     record("starts", fw=framework, kind=kind, job=job)
     client = recorder()
     if client.sismember(hold_key(PREFIX), job) and not client.exists(release_key(PREFIX, job)):
@@ -213,6 +218,7 @@ def body(framework: str, kind: str, job: str, tenant: str, header: object) -> st
         job=job,
         tenant=tenant,
         fallback=fallback,
+        admitted_at=admitted_at,
         header=header if isinstance(header, Mapping) else None if header is None else repr(header),
     )
     return job

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from contextlib import suppress
 
 from .servers import chaos_port, release_port
@@ -68,8 +67,8 @@ class DelayProxy:
                 data = source.recv(65536)
                 if not data:
                     break
-                if delayed and self.delay > 0:
-                    time.sleep(self.delay)  # the injected fault: this reply is late
+                if delayed and self.delay > 0 and self._closed.wait(self.delay):  # the injected fault
+                    break  # closing: stop holding the reply
                 sink.sendall(data)
         except OSError:
             pass
