@@ -111,6 +111,15 @@ KeySpec = Union[str, Callable[[TaskContext], str], "KeyTemplate"]
 """A key as users write it: a template string, a callable, or a :class:`KeyTemplate`."""
 
 
+_SPEC = re.compile(r"^(?:.?[<>=^])?[+\- ]?z?#?0?(\d*)[_,]?(?:\.(\d+))?[bcdeEfFgGnosxX%]?$", re.DOTALL)
+
+
+def _plausible_spec(spec: str) -> bool:
+    """A standard format spec with a width and precision a key can afford."""
+    match = _SPEC.match(spec)
+    return match is not None and all(int(n or 0) <= 100 for n in match.groups())
+
+
 class KeyTemplate:
     """A compiled key: ``KeyTemplate("tenant:{tenant_id}")`` or ``KeyTemplate(callable)``.
 
@@ -143,6 +152,16 @@ class KeyTemplate:
             if not root.isidentifier():
                 raise ConfigurationError(
                     field_name, source, f"expected fields naming task parameters, found {{{field_expr}}}"
+                )
+            if conversion not in (None, "r", "s", "a"):
+                raise ConfigurationError(
+                    field_name, source, f"expected a conversion !r, !s or !a, found !{conversion}"
+                )
+            if spec and not _plausible_spec(spec):
+                raise ConfigurationError(
+                    field_name,
+                    source,
+                    f"expected a format spec such as 05d or .8 (width <= 100), found :{spec}",
                 )
             roots.append(root)
             self._parts.append((literal, field_expr, root, spec or "", conversion))
@@ -202,7 +221,12 @@ class KeyTemplate:
                     ) from None
             if conversion:
                 value = _FORMATTER.convert_field(value, conversion)
-            text = format(value, spec) if spec else str(value)
+            try:
+                text = format(value, spec) if spec else str(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    "key", self.source, f"expected {{{field_expr}:{spec}}} to format {value!r} ({exc})"
+                ) from None
             out.append(escape_key_part(text))
         return "".join(out)
 

@@ -110,8 +110,8 @@ class Settings:
                 prefix + "key_prefix", key_prefix, "expected a name without braces or spaces"
             )
         timeout = get("store_timeout", 0.25)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigurationError(prefix + "store_timeout", timeout, "expected seconds > 0")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ConfigurationError(prefix + "store_timeout", timeout, "expected seconds > 0 and <= 3600")
         transport = get("defer_transport", "broker")
         if transport not in ("broker", "park"):
             raise ConfigurationError(prefix + "defer_transport", transport, 'expected "broker" or "park"')
@@ -123,8 +123,8 @@ class Settings:
                 prefix + "park_name", park_name, "expected a name without braces or spaces"
             )
         lease = get("park_lease", 30.0)
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
-            raise ConfigurationError(prefix + "park_lease", lease, "expected seconds > 0")
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 86400:
+            raise ConfigurationError(prefix + "park_lease", lease, "expected seconds > 0 and <= 86400")
         raw = get("policies", {})
         if not isinstance(raw, Mapping):
             raise ConfigurationError(
@@ -150,7 +150,7 @@ class Settings:
                 prefix + "task_policies", task_policies, "expected a mapping of task name to policy name"
             )
         for task, name in task_policies.items():
-            if name not in policies:
+            if not isinstance(name, str) or name not in policies:
                 raise ConfigurationError(
                     f"{prefix}task_policies.{task}",
                     name,
