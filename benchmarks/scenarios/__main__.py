@@ -176,9 +176,11 @@ def report_only() -> int:
             summary[scenario.name] = payload
             rows.extend(headline_rows(scenario, payload["results"], frameworks))
             if _later(payload.get("when"), meta.get("when")):
+                commit = (payload.get("library") or {}).get("commit")
                 separate.append(
                     f"{scenario.title}: measured on its own (`--only {scenario.name}`) at "
-                    f"{payload['when']} in {payload['seconds']:.0f} s."
+                    f"{payload['when']} in {payload['seconds']:.0f} s"
+                    + (f", limitpal_tasks at commit {commit[:7]}." if commit else ".")
                 )
     print_headline(rows, frameworks)
     remarks = notes(summary) + separate
