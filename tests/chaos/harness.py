@@ -10,6 +10,7 @@ enqueued, ran, were deferred, dead-lettered, failed, lost or ran twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -29,7 +31,17 @@ from celery import Celery
 
 from .chaos_common import celery_task_name, dramatiq_actor_name, hold_key, record_key, release_key
 
-__all__ = ["FRAMEWORKS", "Chaos", "Framework", "Ledger", "RecordProperty", "Sent", "Worker"]
+__all__ = [
+    "FRAMEWORKS",
+    "Chaos",
+    "Framework",
+    "Ledger",
+    "LogLines",
+    "RecordProperty",
+    "Sent",
+    "Worker",
+    "quiet",
+]
 
 Framework = Literal["celery", "dramatiq"]
 RecordProperty = Callable[[str, object], None]
@@ -45,6 +57,43 @@ CRASH_MARKERS = (
     "died unexpectedly",
     "exited unexpectedly",  # a Dramatiq worker process died
 )
+
+
+@contextmanager
+def quiet(name: str, level: int = logging.CRITICAL + 1) -> Iterator[None]:
+    """Raise logger ``name``'s level for a while (a test that logs a line per call on purpose)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+class LogLines(logging.Handler):
+    """Collects the records of a logger and its children while installed (``with LogLines(name) as log``)."""
+
+    def __init__(self, name: str, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.name_ = name
+        self.records: list[logging.LogRecord] = []
+        self._before = logging.NOTSET
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> LogLines:
+        logger = logging.getLogger(self.name_)
+        self._before = logger.level
+        logger.setLevel(self.level)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger(self.name_)
+        logger.removeHandler(self)
+        logger.setLevel(self._before)
 
 
 class Worker:

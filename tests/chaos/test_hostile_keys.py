@@ -32,6 +32,7 @@ from limitpal_tasks import (
 from limitpal_tasks.core.keys import KeyTemplate
 from limitpal_tasks.stores.redis import RedisStore
 
+from .harness import quiet
 from .servers import RedisServer, chaos_port, release_port
 
 pytestmark = [pytest.mark.chaos]
@@ -279,3 +280,69 @@ def test_a_dead_letter_keeps_the_task_arguments_whole() -> None:
     assert letter.kwargs == {"card": "4111"}
     assert 29 * 86400 < ttl <= 30 * 86400
     assert size > len(MEGABYTE)
+
+
+# -- an argument the key cannot use ------------------------------------------------------------
+
+
+@pytest.mark.dramatiq
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "limitpal bug: when the key cannot be rendered from a message's arguments (template "
+        "'{payload[tenant]}', payload without 'tenant'), LimitpalMiddleware.before_process_message raises "
+        "ConfigurationError, which is no MiddlewareError: Dramatiq's emit_before logs it and runs the actor "
+        "anyway, outside the pipeline (here past a forced-open breaker), whatever the fail mode"
+    ),
+)
+def test_an_argument_the_key_cannot_use_never_lets_a_dramatiq_actor_skip_the_pipeline() -> None:
+    """With its breaker forced open, no message runs, not even one whose argument lacks the key field."""
+    import time
+
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+    from dramatiq.middleware import CurrentMessage
+
+    from limitpal_tasks import Deferred, Hooks, MemoryStore
+    from limitpal_tasks.dramatiq import LimitpalMiddleware, install
+
+    class Deferrals(Hooks):
+        def __init__(self) -> None:
+            self.jobs: list[str] = []
+
+        def on_defer(self, policy: str, decision: Deferred, context: TaskContext) -> None:
+            self.jobs.append(str(context.args[1]))
+
+    store = MemoryStore()
+    store.force("service:upstream", "forced_open")
+    policy = Policy(
+        "p", key="t:{payload[tenant]}", breaker=Breaker(key="service:upstream"), fail_mode="closed"
+    )
+    deferrals = Deferrals()
+    broker = StubBroker()
+    broker.add_middleware(CurrentMessage())
+    install(broker, LimitpalMiddleware(store=store, policies={"p": policy}, hooks=(deferrals,)))
+    ran: list[str] = []
+
+    def work(payload: dict[str, str], job: str) -> None:
+        ran.append(job)
+
+    actor = dramatiq.actor(broker=broker, actor_name="work", limitpal_policy="p", max_retries=0)(work)
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    jobs = [f"good-{i}" for i in range(3)] + [f"bad-{i}" for i in range(3)]
+    with quiet("dramatiq"):  # Dramatiq logs the exception it swallows, once per message
+        worker.start()
+        try:
+            for job in jobs:
+                actor.send({"tenant": "acme"} if job.startswith("good") else {"team": "acme"}, job)
+            failed = {m.args[1] for m in broker.dead_letters}
+            deadline = time.monotonic() + 10
+            while not set(jobs) <= set(ran) | set(deferrals.jobs) | failed and time.monotonic() < deadline:
+                time.sleep(0.02)
+                failed = {m.args[1] for m in broker.dead_letters}
+        finally:
+            worker.stop()
+
+    assert set(jobs) <= set(ran) | set(deferrals.jobs) | failed, "not every message was handled"
+    assert ran == [], f"ran past a forced-open breaker: {ran}"
