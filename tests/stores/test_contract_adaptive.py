@@ -218,3 +218,13 @@ def test_rate_changes_are_reported_once(store: Store, clock: MockClock) -> None:
     assert increases, "successes raised the rate"
     # reported as soon as the rate has grown by a tenth: within one success's step of it
     assert all(1.1 <= c.to_rate / c.from_rate < 1.1 + ADAPTIVE.increase / c.from_rate**2 for c in increases)
+
+
+def test_traffic_below_the_rate_does_not_raise_it(pipeline: Pipeline, store: Store, clock: MockClock) -> None:
+    """Successes at 10/s under a 100/s limit say nothing about capacity above it: the rate stays."""
+    for _ in range(300):  # 30 s of calls every 100 ms
+        ticket = admitted(pipeline.admit(POLICY, CONTEXT))
+        pipeline.record(ticket, Outcome.success())
+        clock.advance(0.1)
+    state = store.status(KEY).adaptive.get(LIMIT)
+    assert state is None or state.rate == 100.0

@@ -304,8 +304,9 @@ def test_adaptive_rate_gauge_follows_cuts_and_increases() -> None:
         run(Outcome.failure(overload=True))  # cut to 50/s
         after_cut = scrape()
         clock.advance(1.0)
-        for _ in range(10):  # +50/rate each: past 55/s, reported
+        for _ in range(60):  # successes at the rate: +50/rate each once they near it, past 55/s
             run(Outcome.success())
+            clock.advance(0.01)
         after_increase = scrape()
 
     assert sample(after_cut, "limitpal_rate_current", policy="partner") == 50.0
@@ -313,4 +314,6 @@ def test_adaptive_rate_gauge_follows_cuts_and_increases() -> None:
     increased = sample(after_increase, "limitpal_rate_current", policy="partner")
     assert increased is not None
     assert increased >= 55.0
-    assert sample(after_increase, "limitpal_rate_changes_total", policy="partner", reason="increase") == 1.0
+    increases = sample(after_increase, "limitpal_rate_changes_total", policy="partner", reason="increase")
+    assert increases is not None
+    assert increases >= 1.0

@@ -285,11 +285,13 @@ class AdaptiveRate:
     The key's current rate lives in the store, shared by every worker. An overload signal
     (a :class:`Cooldown`, an exception ``signal`` recognizes — by default HTTP 429/503 —
     or, with ``slow``, a call at least that slow) cuts it, at most once per ``cooldown``:
-    to 95% of the successes per second measured over the last ``cooldown``, but never by
-    more than the factor ``decrease`` at once. Every success raises it by
-    ``increase / rate``, i.e. by ``increase`` calls/s per second of saturated success
-    (default: a 30th of ``ceiling - floor``). An operator's override pins the rate and
-    suspends adaptation until it expires.
+    to 95% of the successes per second measured over the last second, but never by more
+    than the factor ``decrease`` at once. Every success raises it by ``increase / rate``,
+    i.e. by ``increase`` calls/s per second of saturated success (default: a 30th of
+    ``ceiling - floor``) — not within ``cooldown`` of a cut, and not while successes come
+    at less than three quarters of the rate (traffic below the rate says nothing about
+    the capacity above it). An operator's override pins the rate and suspends adaptation
+    until it expires.
 
     >>> RateLimit("50/s", adaptive=AdaptiveRate(floor="5/s", ceiling="200/s")).adaptive.increase
     6.5

@@ -169,6 +169,8 @@ GOODPUT_MARGIN = 0.95
 """An overload cut aims this far below the successes per second just measured."""
 GOODPUT_WINDOW = 1.0
 """Seconds over which successes are counted to measure the upstream's goodput."""
+BINDING_SHARE = 0.75
+"""Successes raise the rate only while they come at least this close to it (the limit binds)."""
 REPORT_STEP = 1.1
 """An increase is reported (an event) once the rate grew by this factor since the last report."""
 
@@ -584,8 +586,10 @@ def _adapt(
 ) -> tuple[float, float, Literal["overload", "increase"]] | None:
     if not overload:
         data.count += 1
-        if now - data.cut_at < config.cooldown:
-            return None  # hold after a cut: let the upstream settle before probing upwards
+        if now - data.cut_at < config.cooldown or data.goodput(now) < BINDING_SHARE * data.rate:
+            # Hold after a cut (let the upstream settle), and while successes come well below
+            # the rate: they say nothing about the capacity above it.
+            return None
         data.rate = min(config.ceiling.per_second, data.rate + config.increase / data.rate)
         if data.rate < data.reported * REPORT_STEP and data.rate < config.ceiling.per_second:
             return None

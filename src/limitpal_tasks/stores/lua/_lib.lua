@@ -199,7 +199,7 @@ local function effective(H, slot, interval, burst, now, floor, ceiling)
   return interval, burst
 end
 
-local GOODPUT_WINDOW, GOODPUT_MARGIN, REPORT_STEP = 1.0, 0.95, 1.1
+local GOODPUT_WINDOW, GOODPUT_MARGIN, REPORT_STEP, BINDING_SHARE = 1.0, 0.95, 1.1, 0.75
 
 local function adaptive_load(H, slot, start)
   local a = get(H, 'a:' .. slot, nil)
@@ -238,7 +238,10 @@ local function adapt_group(G, H, R, C)
           local reason = nil
           if not overload then
             D.count = D.count + 1
-            if now - D.cut_at >= A.cooldown then
+            -- successes well below the rate say nothing about the capacity above it
+            local weight = math.max(0.0, 1.0 - (now - D.bucket) / GOODPUT_WINDOW)
+            local goodput = (D.last * weight + D.count) / GOODPUT_WINDOW
+            if now - D.cut_at >= A.cooldown and goodput >= BINDING_SHARE * D.rate then
               D.rate = math.min(A.ceiling, D.rate + A.increase / D.rate)
               if (D.rate >= D.reported * REPORT_STEP or D.rate >= A.ceiling) and D.rate ~= D.reported then
                 reason = 'increase'
