@@ -36,6 +36,7 @@ def test_autoretry_for_failures_count_against_the_breaker() -> None:
         app=app,
         policy="flaky",
         name="self_retry.call",
+        shared=False,  # stays with this app (app.task shares tasks with every app by default)
         autoretry_for=(ConnectionError,),
         max_retries=3,
         default_retry_delay=0,
