@@ -205,7 +205,7 @@ def body(framework: str, kind: str, job: str, tenant: str, header: object) -> st
     _local.decision = None
     fallback = decision.ticket.fallback if isinstance(decision, Admitted) else None
     admitted_at = decision.ticket.admitted_at if isinstance(decision, Admitted) else None
-    record("starts", fw=framework, kind=kind, job=job)
+    record("starts", fw=framework, kind=kind, job=job, admitted_at=admitted_at)
     client = recorder()
     if client.sismember(hold_key(PREFIX), job) and not client.exists(release_key(PREFIX, job)):
         record("holding", fw=framework, kind=kind, job=job)

@@ -4,8 +4,9 @@ The ``probe`` task is ``acks_late``: the delivery a killed worker held is never
 acknowledged, so the broker hands it out again (Celery's Redis transport after its
 visibility timeout, Dramatiq's Redis broker once the dead worker's heartbeat is stale).
 Meanwhile the dead worker's slots stay taken until their ``lease`` ends (a second probe is
-refused), then the breaker is not wedged: the redelivered task is admitted as the probe,
-completes exactly once and closes the breaker.
+refused), then the breaker is not wedged: the redelivered task (or another one of the key)
+is admitted as the probe once the lease is over, the breaker closes, and every task of the
+key completes exactly once.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ def test_killed_worker_holding_a_probe_and_a_lease_is_redelivered_and_completes_
             held = chaos.send(framework, "probe", TENANT, job="held-" + framework)
             chaos.hold(held.job)
             chaos.wait_until(lambda: bool(chaos.records("holding")), 30, "the probe to start and hold")
-            followers = [chaos.send(framework, "probe", TENANT) for _ in range(2)]
             status = store.status(KEY)
             assert (status.breaker, status.probes_in_flight, status.in_flight) == ("half_open", 1, 1)
 
@@ -63,12 +63,13 @@ def test_killed_worker_holding_a_probe_and_a_lease_is_redelivered_and_completes_
             first.kill()
             killed_at = time.time()
             refused = pipeline.admit(policy, context)
-            assert isinstance(refused, Deferred), (
-                "a second probe was let in while the first one's lease holds"
-            )
+            assert isinstance(refused, Deferred), "a second probe got in while the first one's lease holds"
             assert refused.reason == "half_open_busy"
             chaos.release(held.job)
             chaos.start(framework, env=REDELIVERY_ENV)
+            # Sent only now: a message the killed worker had just popped off a Redis list, but
+            # not yet recorded as unacknowledged, would be lost with it (kombu's Redis transport).
+            followers = [chaos.send(framework, "probe", TENANT) for _ in range(2)]
 
             # Then the task is redelivered, admitted once the lease is over, and completes once
             jobs = [held, *followers]
@@ -79,6 +80,7 @@ def test_killed_worker_holding_a_probe_and_a_lease_is_redelivered_and_completes_
                 "the breaker to close and the leases to be given back",
             )
             [holding] = chaos.records("holding")
+            key_runs = chaos.runs(jobs)
             runs = chaos.runs([held])
             starts = [s for s in chaos.records("starts") if s["job"] == held.job]
             ledger = chaos.ledger(f"worker SIGKILLed holding probe+lease (acks_late), {framework}")
@@ -96,15 +98,13 @@ def test_killed_worker_holding_a_probe_and_a_lease_is_redelivered_and_completes_
     assert len(runs) == 1, runs
     assert len(starts) == 2, "the killed delivery and the redelivered one"
     assert runs[0]["t"] > killed_at
-    assert starts[-1]["t"] >= holding["t"] + PROBE_LEASE - 0.5, (
-        "admitted before the dead worker's lease ended"
+    lease_end = starts[0]["admitted_at"] + PROBE_LEASE  # the store's clock, which leases run on
+    assert starts[-1]["admitted_at"] >= lease_end - 0.001, "admitted before the dead worker's lease ended"
+    others = [r["admitted_at"] for r in key_runs if r["job"] != held.job]
+    assert min(others) >= lease_end - 0.001, (
+        "a task of the key was admitted while the dead worker's lease held"
     )
-    assert (ledger.ran, ledger.lost, ledger.duplicates, ledger.failed, ledger.dead_lettered) == (
-        3,
-        0,
-        0,
-        0,
-        0,
-    )
+    outcome = (ledger.ran, ledger.lost, ledger.duplicates, ledger.failed, ledger.dead_lettered)
+    assert outcome == (3, 0, 0, 0, 0), ledger
     assert ledger.redelivered == 1, "only the killed delivery may run again (the broker's at-least-once)"
     assert crashes == []
