@@ -47,19 +47,7 @@ from .parking_harness import (
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-CELERY_CANNOT_DECODE_PARKED_JSON = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "limitpal bug since 6beabc1: the Celery releaser decodes a parked body with "
-        "accept=app.conf.accept_content, the setting's short names (('json',)), which kombu's "
-        "serialization.loads compares with MIME types: every release of a JSON task fails with "
-        "ContentDisallowed and is retried after each lease, forever (kombu.serialization."
-        "prepare_accept_content(...) is what kombu's consumers use)"
-    ),
-)
-"""Remove this mark (one place) once the Celery releaser publishes JSON tasks again."""
-CELERY = [pytest.mark.celery, CELERY_CANNOT_DECODE_PARKED_JSON]
+CELERY = [pytest.mark.celery]
 DRAMATIQ = [pytest.mark.dramatiq]
 RABBIT = [pytest.mark.rabbitmq]
 
@@ -156,7 +144,7 @@ LEASE = 3.0
             2,
             id="celery-2-releasers",
             marks=[
-                # xfail for a bug of its own (and meanwhile for CELERY_CANNOT_DECODE_PARKED_JSON)
+                # xfail for a bug of its own
                 pytest.mark.celery,
                 pytest.mark.xfail(
                     strict=True,

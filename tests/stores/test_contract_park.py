@@ -136,3 +136,13 @@ def test_parks_are_separate(store: Store, clock: MockClock) -> None:
     store.park(entry(delay=0.0), limit=10)
     assert store.take_parked("other", 10, LEASE) == []
     assert len(store.take_parked(PARK, 10, LEASE)) == 1
+
+
+def test_an_unpaced_entry_leaves_when_due_past_the_keys_paced_backlog(store: Store, clock: MockClock) -> None:
+    """A rate-limited deferral (interval 0: its booked slot paces it) is not queued behind paced ones."""
+    for n in range(5):
+        store.park(entry("tenant:a", delay=0.0, interval=1.0, n=n), limit=10)
+    assert take(store) == [0]  # the rest now hold paced slots 1 s apart
+    store.park(entry("tenant:a", delay=0.5, interval=0.0, n=99), limit=10)
+    clock.advance(0.5)
+    assert take(store) == [99]

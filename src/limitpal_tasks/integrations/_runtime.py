@@ -295,7 +295,8 @@ def park(
     """Keep a deferred task in the store until it is due; ``None`` when its key's park is full.
 
     Releases are paced on the key of the policy's first rate limit, at that limit's
-    interval, so a backlog comes back as a ramp; without a rate limit they are not paced.
+    interval, so a backlog comes back as a ramp; without a rate limit they are not paced,
+    nor is a rate-limited deferral (its booked slot already paces it).
     """
     limit = policy.rates[0] if policy.rates else None
     template = limit.key if limit is not None and limit.key is not None else policy.key
@@ -309,7 +310,9 @@ def park(
         policy=policy.name,
         key=key,
         delay=decision.delay,
-        interval=limit.interval if limit is not None else 0.0,
+        # A rate-limited deferral waits for its own booked slot: pacing it again would only
+        # push it behind the key's paced backlog. The others (breaker, pause) are paced.
+        interval=limit.interval if limit is not None and decision.reason != "rate_limited" else 0.0,
         payload=payload,
     )
     return runtime.store.park(entry, policy.defer.park_limit)
@@ -346,20 +349,32 @@ class Releaser:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> int:
-        """Take what is due, publish it, confirm it; how many were released."""
+        """Take what is due, publish it, confirm it; how many were released.
+
+        Stops at the first failed publish (the broker is likely down: the rest would fail
+        too, slowly) and once half the lease has passed (past the lease another releaser may
+        hold the same entries): what is left is released again after the lease.
+        """
+        started = time.monotonic()
         entries = self.store.take_parked(self.park_name, self.batch, self.lease)
         done = 0
         for entry in entries:
+            if time.monotonic() - started > self.lease / 2:
+                log.warning(
+                    "parked tasks: publishing is slow; %d left for after the lease", len(entries) - done
+                )
+                break
             try:
                 self.publish(entry)
             except Exception:
                 log.exception(
-                    "could not publish parked %s %s; it is released again after %gs",
+                    "could not publish parked %s %s; it and %d more are released again after %gs",
                     entry.task_name,
                     entry.id,
+                    len(entries) - done - 1,
                     self.lease,
                 )
-                continue
+                break
             try:
                 self.store.confirm_parked(self.park_name, entry.id)
             except StoreError as exc:  # published: a second release is possible after the lease

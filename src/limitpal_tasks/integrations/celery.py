@@ -229,7 +229,7 @@ def _publisher(app: Celery) -> Callable[[ParkedEntry], None]:
             base64.b64decode(payload["body"]),
             payload["content_type"],
             payload["content_encoding"],
-            accept=app.conf.accept_content,
+            accept=serialization.prepare_accept_content(app.conf.accept_content),  # type: ignore[no-untyped-call]
         )
         app.signature(kombu_json.loads(payload["signature"])).apply_async(args=tuple(args), kwargs=kwargs)  # type: ignore[no-untyped-call]
 

@@ -376,15 +376,14 @@ class _Park:
             entry = self.entries[entry_id]
             if entry_id in self.slotted:
                 self.slotted.discard(entry_id)
-            else:
+            elif entry.interval > 0:  # paced: it takes the key's next release slot
                 pace = self.pace.get(entry.key, 0.0)
                 if pace > now:  # the key's next release slot is this entry's
                     self.slotted.add(entry_id)
                     self.schedule(entry_id, pace)
                     self.pace[entry.key] = pace + entry.interval
                     continue
-                if entry.interval > 0:
-                    self.pace[entry.key] = max(pace, now) + entry.interval
+                self.pace[entry.key] = max(pace, now) + entry.interval
             del self.due[entry_id]
             self.claims[entry_id] = now + lease
             taken.append(dataclasses.replace(entry, due=due))

@@ -13,6 +13,7 @@
 --   'release', now, key                      -> how many entries were made due now
 --   'purge', now, key ('' = every key)       -> how many entries were deleted
 -- Ids are a 16-digit sequence, so entries due together leave in the order they came.
+-- Entries with an interval of 0 are not paced: they leave when due.
 
 local due, msg, meta, claims, slotted, count, pace, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local action = ARGV[1]
@@ -68,14 +69,14 @@ if action == 'take' then
     local interval, key = string.match(m or '0|', '^([^|]*)|(.*)$')
     interval = tonumber(interval)
     local release = true
-    if redis.call('SREM', slotted, id) == 0 then
+    if redis.call('SREM', slotted, id) == 0 and interval > 0 then  -- paced: the key's next slot
       local next_at = tonumber(redis.call('HGET', pace, key) or '0')
       if next_at > now then  -- the key's next release slot is this entry's
         redis.call('SADD', slotted, id)
         redis.call('ZADD', due, next_at, id)
         redis.call('HSET', pace, key, fmt(next_at + interval))
         release = false
-      elseif interval > 0 then
+      else
         redis.call('HSET', pace, key, fmt(math.max(next_at, now) + interval))
       end
     end
