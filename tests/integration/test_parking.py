@@ -143,21 +143,7 @@ LEASE = 3.0
             "celery",
             2,
             id="celery-2-releasers",
-            marks=[
-                # xfail for a bug of its own
-                pytest.mark.celery,
-                pytest.mark.xfail(
-                    strict=True,
-                    raises=AssertionError,
-                    reason=(
-                        "limitpal bug: Releaser.run_once keeps publishing a batch after its claims "
-                        "expired; a Celery publish into a dead Redis broker takes ~0.6 s to fail "
-                        "(kombu's publish retries), so a batch outlives the lease, another releaser "
-                        "takes the same entries, and once the broker is back both publish them: "
-                        "tasks run twice"
-                    ),
-                ),
-            ],
+            marks=CELERY,
         ),
         pytest.param("dramatiq", 2, id="dramatiq-2-releasers", marks=DRAMATIQ),
     ],
@@ -371,12 +357,11 @@ HOLD = 0.3
     strict=True,
     raises=AssertionError,
     reason=(
-        "limitpal bug: the park paces a key's releases at exactly its rate-limit interval and the "
-        "released task is admitted through the same limit with no slot of its own; once two released "
-        "tasks reach the worker closer than the interval (here: queued behind one slow call), the second "
-        "is deferred by the rate limit with a reservation and parked again behind the key's whole "
-        "backlog, and each later release then finds the limit booked ahead and is parked again too: "
-        "the key drains at about half its rate (and, on Dramatiq, out of order)"
+        "known limit: the park paces a key's releases at its rate-limit interval and a released task "
+        "is admitted through the same limit with no slot of its own; when two released tasks reach "
+        "the worker closer than the interval (here: queued behind one slow call), the later ones are "
+        "deferred once more, each to a slot booked for it (not paced again), so some tasks are parked "
+        "twice and may run out of parking order"
     ),
 )
 @pytest.mark.parametrize("framework", FRAMEWORKS_OWN_XFAIL)
