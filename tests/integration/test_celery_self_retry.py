@@ -45,7 +45,9 @@ def test_autoretry_for_failures_count_against_the_breaker() -> None:
         calls.append(time.monotonic())
         raise ConnectionError("upstream down")
 
-    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):
+    # One thread: a retry is published before Retry propagates, so a second thread could run it
+    # before this delivery records its failure.
+    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False, loglevel="WARNING"):
         result = call.delay("stripe")
         result.get(timeout=20, propagate=False)
         status = runtime(app).store.status("service:stripe")
