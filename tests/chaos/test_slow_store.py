@@ -101,16 +101,23 @@ def test_store_timeout_bounds_each_call_and_the_fail_mode_applies(
         calls = [_timed_admit(pipeline, policy, _context()) for _ in range(40)]
 
         latencies = [elapsed for elapsed, _ in calls]
+        reached = [e for e in hooks.errors if "failing fast" not in e]  # the calls that went to Redis
         record_property(
-            "latency", {"fault": f"replies {SLOW:g}s late", "mode": mode, "max_ms": max(latencies)}
+            "latency",
+            {
+                "fault": f"replies {SLOW:g}s late",
+                "mode": mode,
+                "reached_redis": len(reached),
+                "max_ms": round(1000 * max(latencies), 1),
+            },
         )
-        assert STORE_TIMEOUT * 0.75 <= latencies[0] <= STORE_TIMEOUT * 2, (
+        first = latencies[0]
+        assert STORE_TIMEOUT * 0.75 <= first <= STORE_TIMEOUT + SLACK, (
             "the first call did not wait store_timeout"
         )
-        assert max(latencies) <= STORE_TIMEOUT * 2, "a call waited for the late reply"
-        assert sum(1 for s in latencies if s >= STORE_TIMEOUT * 0.75) <= 4, (
-            "the guard did not start failing fast"
-        )
+        assert max(latencies) <= STORE_TIMEOUT + SLACK, "a call waited for the late reply"
+        assert all("imeout" in e for e in reached), reached
+        assert 1 <= len(reached) <= 3 + 2, "the guard did not start failing fast"
         for _, decision in calls:
             if mode == "open":
                 assert isinstance(decision, Admitted)
