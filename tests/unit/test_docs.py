@@ -28,7 +28,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -424,107 +424,13 @@ def _letter(letter_id: str) -> DeadLetter:
 # -- docker-compose.yml ---------------------------------------------------------------------------------
 
 
-def load_yaml(text: str) -> Any:
-    """The YAML subset docker-compose.yml is written in: block mappings and sequences,
-    flow sequences of scalars, quoted and plain scalars, ``>-`` folded scalars, comments.
-
-    (PyYAML is not a dependency; when it is installed, a test checks this agrees with it.)
-    """
-    lines = []
-    for raw in text.splitlines():
-        stripped = _strip_comment(raw).rstrip()
-        if stripped.strip():
-            lines.append((len(stripped) - len(stripped.lstrip(" ")), stripped.strip()))
-    value, end = _node(lines, 0, 0)
-    assert end == len(lines), f"could not read line {end + 1} of the YAML"
-    return value
-
-
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, char in enumerate(line):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and (i == 0 or line[i - 1] == " "):
-            return line[:i]
-    return line
-
-
-def _scalar(text: str) -> Any:
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [_scalar(item.strip()) for item in next(_csv(inner))] if inner else []
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
-def _csv(text: str) -> Iterator[list[str]]:
-    import csv
-
-    yield next(csv.reader([text], skipinitialspace=True))
-
-
-def _block_scalar(lines: list[tuple[int, str]], i: int, indent: int, style: str) -> tuple[str, int]:
-    """A ``>-`` (folded: lines joined by spaces) or ``|`` (literal) scalar's more-indented lines."""
-    parts = []
-    while i < len(lines) and lines[i][0] > indent:
-        parts.append(lines[i][1])
-        i += 1
-    return (" " if style.startswith(">") else "\n").join(parts), i
-
-
-def _node(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
-    if lines[i][1].startswith("- ") or lines[i][1] == "-":
-        items: list[Any] = []
-        while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
-            text = lines[i][1][1:].strip()
-            i += 1
-            if text in (">-", ">", "|"):
-                text, i = _block_scalar(lines, i, indent, text)
-                items.append(text)
-            else:
-                items.append(_scalar(text))
-        return items, i
-    mapping: dict[str, Any] = {}
-    while i < len(lines) and lines[i][0] == indent:
-        key, _, rest = lines[i][1].partition(":")
-        rest = rest.strip()
-        i += 1
-        if rest in (">-", ">", "|"):
-            mapping[key], i = _block_scalar(lines, i, indent, rest)
-        elif rest:
-            mapping[key] = _scalar(rest)
-        elif i < len(lines) and lines[i][0] > indent:
-            mapping[key], i = _node(lines, i, lines[i][0])
-        elif i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
-            mapping[key], i = _node(lines, i, indent)  # a sequence at the key's own indentation
-        else:
-            mapping[key] = None
-    return mapping, i
-
-
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    data = load_yaml(COMPOSE.read_text("utf-8"))
+    import yaml
+
+    data = yaml.safe_load(COMPOSE.read_text("utf-8"))
     assert isinstance(data, dict)
     return data
-
-
-def test_the_yaml_reader_agrees_with_pyyaml() -> None:
-    """Where PyYAML is installed, it reads docker-compose.yml exactly as the small reader does."""
-    yaml = pytest.importorskip("yaml")
-    assert load_yaml(COMPOSE.read_text("utf-8")) == _stringify(yaml.safe_load(COMPOSE.read_text("utf-8")))
-
-
-def _stringify(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _stringify(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_stringify(v) for v in value]
-    return value if value is None or isinstance(value, str) else str(value)
 
 
 SERVICES = {"redis", "rabbitmq", "upstream", "celery-worker", "dramatiq-worker", "producer"}
