@@ -41,10 +41,28 @@ def escape_key_part(value: str, safe: str = "") -> str:
     """
     if _PLAIN.fullmatch(value):
         return value
+    if not value:
+        return "%"  # never produced otherwise (quote writes %XX), and never an empty hash tag
     escaped = quote(value.encode("utf-8", "surrogatepass"), safe=safe)
     if len(escaped) > MAX_PART_LENGTH:
         return "#" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return escaped
+
+
+def key_text(value: object) -> str:
+    """A key part for any argument value: strings escaped, and the values whose ``str()``
+    a string could imitate (``None``, ``bytes``) marked so none can (``%~`` never comes out
+    of :func:`escape_key_part`)."""
+    if type(value) is str:
+        return escape_key_part(value)
+    if value is None:
+        return "%~none"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        if len(raw) > MAX_PART_LENGTH // 2:
+            return "%~b#" + hashlib.sha256(raw).hexdigest()[:32]
+        return "%~b" + raw.hex()
+    return escape_key_part(str(value))
 
 
 class ArgBinder:
@@ -145,6 +163,12 @@ class KeyTemplate:
             raise ConfigurationError(field_name, source, f"expected a valid template ({exc})") from None
         roots: list[str] = []
         for literal, field_expr, spec, conversion in parsed:
+            if any(c in literal for c in "{}") or not literal.isprintable():
+                raise ConfigurationError(
+                    field_name,
+                    source,
+                    "expected no literal braces or control characters (they would split the key)",
+                )
             if field_expr is None:
                 self._parts.append((literal, None, "", "", None))
                 continue
@@ -200,8 +224,7 @@ class KeyTemplate:
         if len(self._parts) == 1 and not self._parts[0][3] and not self._parts[0][4]:
             literal, field_expr, root, _, _ = self._parts[0]
             if field_expr == root:  # "prefix:{name}", the common shape
-                value = self._argument(context, root)
-                return literal + escape_key_part(value if type(value) is str else str(value))
+                return literal + key_text(self._argument(context, root))
             if field_expr is None:
                 return literal
         out: list[str] = []
@@ -219,6 +242,9 @@ class KeyTemplate:
                         self.source,
                         f"expected {{{field_expr}}} to resolve in the call of {context.task_name} ({exc!r})",
                     ) from None
+            if not conversion and not spec:
+                out.append(key_text(value))
+                continue
             if conversion:
                 value = _FORMATTER.convert_field(value, conversion)
             try:

@@ -326,7 +326,7 @@ class RedisStore:
         self._guard.check()
         try:
             reply = self._scripts[name](keys=keys, args=args)
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             self._guard.failed()
             raise StoreError(f"redis {name} failed: {exc}") from exc
         self._guard.succeeded()
@@ -339,7 +339,7 @@ class RedisStore:
             if script is None:
                 script = self._async_script(name)
             reply = await script(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             self._guard.failed()
             raise StoreError(f"redis {name} failed: {exc}") from exc
         self._guard.succeeded()
@@ -843,7 +843,7 @@ class RedisStore:
             fields = cast(dict[bytes, bytes], self._client.hgetall(scalars))
             in_flight = int(self._client.zcount(leases, f"({_f(now)}", "+inf"))
             probes = int(self._client.zcount(probes_key, f"({_f(now)}", "+inf"))
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             self._guard.failed()
             raise StoreError(f"redis status failed: {exc}") from exc
         at = now
