@@ -271,16 +271,6 @@ def test_a_dead_letter_keeps_the_task_arguments_whole() -> None:
 
 
 @pytest.mark.dramatiq
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "limitpal bug: when the key cannot be rendered from a message's arguments (template "
-        "'{payload[tenant]}', payload without 'tenant'), LimitpalMiddleware.before_process_message raises "
-        "ConfigurationError, which is no MiddlewareError: Dramatiq's emit_before logs it and runs the actor "
-        "anyway, outside the pipeline (here past a forced-open breaker), whatever the fail mode"
-    ),
-)
 def test_an_argument_the_key_cannot_use_never_lets_a_dramatiq_actor_skip_the_pipeline() -> None:
     """With its breaker forced open, no message runs, not even one whose argument lacks the key field."""
     import time

@@ -96,7 +96,11 @@ def _enforced_call(task: Task, *args: Any, **kwargs: Any) -> Any:
     context = rt.context(
         task.name, args, kwargs, headers.get(HEADER) or getattr(request, HEADER, None), task.run
     )
-    decision = rt.pipeline.admit(policy, context)
+    try:
+        decision = rt.pipeline.admit(policy, context)
+    except ConfigurationError as exc:  # the key cannot be rendered from these arguments
+        _dead_letter(task, rt, policy, context, "bad_key", str(exc))
+        raise
     if not decision.admitted:
         _defer(task, rt, policy, context, decision)
     return _run(task, rt, policy, context, decision, args, kwargs)

@@ -208,10 +208,18 @@ class LimitpalMiddleware(Middleware):
             actor.actor_name, tuple(message.args), message.kwargs, message.options.get(HEADER), actor.fn
         )
         loop = _event_loop(actor)
-        if loop is None:
-            decision = self.runtime.pipeline.admit(policy, context)
-        else:  # an AsyncIO actor: the async store, on Dramatiq's event loop thread
-            decision = loop.run_coroutine(self.runtime.pipeline.admit_async(policy, context))
+        try:
+            if loop is None:
+                decision = self.runtime.pipeline.admit(policy, context)
+            else:  # an AsyncIO actor: the async store, on Dramatiq's event loop thread
+                decision = loop.run_coroutine(self.runtime.pipeline.admit_async(policy, context))
+        except ConfigurationError as exc:
+            # The key cannot be rendered from these arguments. Dramatiq would log an error
+            # raised here and run the actor anyway, outside the policy: fail the message.
+            log.error("%s %s: %s; dead-lettered", message.actor_name, message.message_id, exc)
+            self._dead_letter(message, policy, context, "bad_key", str(exc))
+            message.fail()
+            raise SkipMessage("bad_key") from exc
         if not decision.admitted:
             self._defer(broker, message, policy, context, decision)
         setattr(message, _TICKET, decision.ticket)
