@@ -301,15 +301,6 @@ def test_an_outage_costs_an_admit_one_store_timeout_only_now_and_then(
             store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "limitpal bug: Pipeline._store_failed logs a WARNING for every admission during an outage "
-        "('store unavailable, admitting/deferring ...'), unlike deferrals, which the HookRunner "
-        "summarises once per summary_interval: an outage at 1000 tasks/s writes 1000 lines/s"
-    ),
-)
 def test_an_outage_writes_a_bounded_number_of_log_lines() -> None:
     """A thousand admits against a dead store log a handful of lines, not one per task."""
     policy = Policy("noisy", key="tenant:{tenant}", breaker=Breaker(minimum_calls=1000), fail_mode="open")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 import secrets
@@ -45,6 +46,7 @@ log = logging.getLogger("limitpal_tasks.pipeline")
 
 _STAGE_PAUSE = -1
 _STORE_RETRY_DELAY = 5.0
+_OUTAGE_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" lines of one pipeline
 _LAYOUT_CACHE = 4096  # distinct keys per policy whose groups are kept ready
 
 _T = TypeVar("_T")
@@ -205,6 +207,8 @@ class Pipeline:
         self._local_clock: Clock = clock or MonotonicClock()
         self._rng = rng or random.Random()
         self._fallback = fallback
+        self._outage_logged = -math.inf
+        self._outage_count = 0
         self.hooks = hooks if isinstance(hooks, HookRunner) else HookRunner(hooks, clock=self._local_clock)
         self._timed = self.hooks.times_store_calls
         self._layouts: dict[int, _Layout] = {}
@@ -310,19 +314,31 @@ class Pipeline:
     ) -> Decision:
         self.store_errors += 1
         self.hooks.store_error(policy.name, exc, policy.fail_mode)
+        self._log_outage(policy, exc)
         if policy.fail_mode == "closed":
-            log.warning("store unavailable, deferring %s [%s]: %s", context.task_name, policy.name, exc)
             now = request.now if request.now is not None else self._local_clock.now()
             result = AdmitResult(False, now, "store_unavailable", _STORE_RETRY_DELAY)
             return self._decide(policy, context, request, result, fallback=False)
-        log.warning(
-            "store unavailable, admitting %s [%s] on this process's state: %s",
-            context.task_name,
-            policy.name,
-            exc,
-        )
         fallback = self._local()
         return self._decide(policy, context, request, fallback.admit(request), fallback=True)
+
+    def _log_outage(self, policy: Policy, exc: StoreError) -> None:
+        """One WARNING per outage interval, with how many admissions it covered (an outage at
+        a thousand tasks a second must not write a thousand lines a second)."""
+        now = self._local_clock.now()
+        self._outage_count += 1
+        if now - self._outage_logged < _OUTAGE_LOG_INTERVAL:
+            return
+        action = "deferring" if policy.fail_mode == "closed" else "admitting on this process's state"
+        log.warning(
+            "store unavailable (%s); %s [%s] and %d admissions since the last such line",
+            exc,
+            action,
+            policy.name,
+            self._outage_count - 1,
+        )
+        self._outage_logged = now
+        self._outage_count = 0
 
     def _local(self) -> Store:
         if self._fallback is None:
