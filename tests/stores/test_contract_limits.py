@@ -766,3 +766,20 @@ def test_deferral_on_one_key_refunds_tokens_taken_on_another(
     # The 4 tokens left in the global burst all go to other tenants
     others = [pipeline.admit(policy, context(f"t{i}")).admitted for i in range(5)]
     assert others == [True, True, True, True, False]
+
+
+def test_a_pause_keeps_the_slot_a_returning_task_carries(
+    pipeline: Pipeline, store: Store, clock: MockClock
+) -> None:
+    """A task coming back for its booked slot while the key is paused keeps the slot (nothing was used)."""
+    policy = Policy("api", key=TENANT_KEY, rate=RateLimit("1/s"), defer=NO_JITTER)
+    admitted(pipeline.admit(policy, context()))
+    booked = deferred(pipeline.admit(policy, context()))
+    store.pause("tenant:a", 5, "operator")
+    clock.advance(booked.delay)
+
+    paused = deferred(pipeline.admit(policy, context(after=booked)))
+
+    assert (booked.reason, paused.reason) == ("rate_limited", "paused")
+    assert dict(paused.reservations) == dict(booked.reservations)
+    assert booked.reservations

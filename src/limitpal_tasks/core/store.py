@@ -66,8 +66,12 @@ def merge_admission(request: AdmitRequest, results: Sequence[GroupResult]) -> Ad
             for limit, slot in zip(group.rates, result.reservations):
                 if slot:
                     reservations[reservation_id(group.key, limit.slot_id)] = slot
-        # Groups after the deferring one were not evaluated: their carried slots stand.
-        for group in request.groups[len(results) :]:
+        # The deferring group stopped before its rate limits (a pause, its breaker, its
+        # bulkhead) and groups after it were not evaluated: their carried slots stand.
+        unread = request.groups[len(results) :]
+        if not last.reservations:
+            unread = (request.groups[len(results) - 1], *unread)
+        for group in unread:
             for limit, carried in zip(group.rates, group.reservations):
                 if carried is not None:
                     reservations[reservation_id(group.key, limit.slot_id)] = carried
