@@ -1,13 +1,11 @@
 """MemoryStore is the reference: RedisStore's scripts must decide exactly as it does.
 
-Hypothesis draws sequences of operations — admissions for a few tenants, several
-messages each, that carry their reservations and deferral counts back like a requeued
-message (all of a tenant's messages may come back at once, late: a crowd), records with
-every kind of outcome (some recorded twice), operator actions, retry-budget spends and
-jumps of the shared ``MockClock`` — over policies that exercise every rule. Each
-operation is applied to both stores on the same clock with identically seeded pipelines;
-after every step the decisions, the record results and the status of every key must be
-identical.
+Hypothesis draws sequences of operations — admissions for a few tenants that carry their
+reservations and deferral counts back like a requeued message, records with every kind of
+outcome (some recorded twice), operator actions, retry-budget spends and jumps of the
+shared ``MockClock`` — over policies that exercise every rule. Each operation is applied
+to both stores on the same clock with identically seeded pipelines; after every step the
+decisions, the record results and the status of every key must be identical.
 
 With success batching off every answer is compared as is. With batching on (the default),
 a batched success's answer is the store's placeholder and the transitions it causes are
@@ -24,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from limitpal_tasks import (
@@ -56,7 +54,6 @@ pytestmark = pytest.mark.redis
 
 DB = 10
 TENANTS = ("a", "b")
-MESSAGES = 6  # messages in flight per policy and tenant
 KEYS = ("tenant:a", "tenant:b", "slow:a", "slow:b", "global", "service:x")
 
 POLICIES = (
@@ -151,15 +148,6 @@ STATES: tuple[BreakerState, ...] = ("forced_open", "disabled", "closed")
 class Admit:
     policy: int
     tenant: str
-    message: int = 0  # which of the tenant's messages (each carries its own reservations)
-
-
-@dataclass(frozen=True)
-class Crowd:
-    """Every message of a policy's tenant comes (back) at once, in order."""
-
-    policy: int
-    tenant: str
 
 
 @dataclass(frozen=True)
@@ -212,7 +200,7 @@ class SpendRetry:
     tenant: str
 
 
-Operation = Admit | Crowd | Record | Advance | Pause | Resume | Reset | Force | Override | SpendRetry
+Operation = Admit | Record | Advance | Pause | Resume | Reset | Force | Override | SpendRetry
 # The (key, limit id) pairs POLICIES use, so overrides land where admissions read them.
 LIMITS = (
     *[(f"tenant:{t}", limit) for t in TENANTS for limit in ("4/1/3", "3/1/2", "2/1/1", "6/1/2")],
@@ -222,7 +210,7 @@ LIMITS = (
 
 tenants = st.sampled_from(TENANTS)
 keys = st.sampled_from(KEYS)
-admits = st.builds(Admit, st.integers(0, len(POLICIES) - 1), tenants, st.integers(0, MESSAGES - 1))
+admits = st.builds(Admit, st.integers(0, len(POLICIES) - 1), tenants)
 records = st.builds(
     Record, st.integers(0, 50), st.sampled_from(OUTCOMES), st.floats(0, 1, exclude_max=True), st.booleans()
 )
@@ -233,7 +221,6 @@ advances = st.builds(
 # (Weights by repetition: ``one_of`` would merge repeated branches.)
 _weighted: list[st.SearchStrategy[Operation]] = [
     *[admits] * 8,
-    *[st.builds(Crowd, st.integers(0, len(POLICIES) - 1), tenants)] * 2,
     *[records] * 8,
     *[advances] * 4,
     st.builds(Pause, keys, st.sampled_from([0.5, 3.0])),
@@ -286,7 +273,7 @@ class Twins:
             Pipeline(self.memory, clock=clock, rng=random.Random(seed)),
             Pipeline(self.redis, clock=clock, rng=random.Random(seed)),
         )
-        self.carried: dict[tuple[int, str, int], Carried] = {}
+        self.carried: dict[tuple[int, str], Carried] = {}
         self.held: list[tuple[Ticket, Ticket]] = []
         self.log: list[str] = []
 
@@ -302,10 +289,7 @@ class Twins:
         now = self.clock.now()
         stores = (self.memory, self.redis)
         if isinstance(op, Admit):
-            self.admit(op.policy, op.tenant, op.message)
-        elif isinstance(op, Crowd):
-            for message in range(MESSAGES):
-                self.admit(op.policy, op.tenant, message)
+            self.admit(op.policy, op.tenant)
         elif isinstance(op, Record):
             self.record(op)
         elif isinstance(op, Advance):
@@ -341,9 +325,9 @@ class Twins:
                 self.redis.status(status_key, now=self.clock.now()),
             )
 
-    def admit(self, index: int, tenant_id: str, message: int) -> None:
+    def admit(self, index: int, tenant_id: str) -> None:
         policy = POLICIES[index]
-        carried = self.carried.get((index, tenant_id, message), Carried())
+        carried = self.carried.get((index, tenant_id), Carried())
         context = TaskContext(
             "task",
             kwargs={"tenant_id": tenant_id},
@@ -352,17 +336,15 @@ class Twins:
             reservations=dict(carried.reservations),
         )
         mine, theirs = (pipeline.admit(policy, context) for pipeline in self.pipelines)
-        self.check(
-            f"admit({policy.name}, {tenant_id}, message {message})", self.summary(mine), self.summary(theirs)
-        )
+        self.check(f"admit({policy.name}, {tenant_id})", self.summary(mine), self.summary(theirs))
         if isinstance(mine, Admitted) and isinstance(theirs, Admitted):
             self.held.append((mine.ticket, theirs.ticket))
-            self.carried.pop((index, tenant_id, message), None)
+            self.carried.pop((index, tenant_id), None)
         elif isinstance(mine, Deferred):
             if mine.exhausted:  # dead-lettered: the message does not come back
-                self.carried.pop((index, tenant_id, message), None)
+                self.carried.pop((index, tenant_id), None)
             else:
-                self.carried[(index, tenant_id, message)] = Carried(
+                self.carried[(index, tenant_id)] = Carried(
                     mine.deferrals, mine.first_seen, dict(mine.reservations)
                 )
 
@@ -397,31 +379,8 @@ def run(url: str, seed: int, steps: list[Operation], batching: bool) -> None:
             twins.apply(step)
 
 
-# Late crowds: every message of a tenant back together long after its slots, some
-# rebooked; then the rebooked ones back early, on time or late again.
-CROWDS: tuple[int, list[Operation]] = (
-    0,
-    [
-        Crowd(3, "a"),
-        Advance(11.0),
-        Crowd(3, "a"),
-        Advance(0.3),
-        Crowd(3, "a"),
-        Advance(11.0),
-        Crowd(3, "a"),
-        Crowd(2, "b"),
-        Advance(3.5),
-        Crowd(2, "b"),
-        Crowd(0, "a"),
-        Advance(11.0),
-        Crowd(0, "a"),
-    ],
-)
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scenarios)
-@example(CROWDS)
 def test_redis_decides_like_memory(url: str, case: tuple[int, list[Operation]]) -> None:
     """With batching off, every decision, record result and status matches MemoryStore's, step by step."""
     run(url, case[0], case[1], batching=False)
@@ -429,7 +388,6 @@ def test_redis_decides_like_memory(url: str, case: tuple[int, list[Operation]]) 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scenarios)
-@example(CROWDS)
 def test_redis_with_batched_successes_decides_like_memory(
     url: str, case: tuple[int, list[Operation]]
 ) -> None:

@@ -161,25 +161,6 @@ def test_slot_beyond_max_delay_is_reached_in_hops_that_are_not_deferrals(
     assert clock.now() == pytest.approx(start + 60, abs=1e-5)
 
 
-def test_late_crowd_rebooking_is_not_a_deferral_and_not_jittered(
-    pipeline: Pipeline, clock: MockClock
-) -> None:
-    """A late crowd's task given a new slot keeps its deferral count (no bound is hit) and its exact slot."""
-    policy = Policy("api", key=KEY, rate="1/s", defer=DeferPolicy(max_deferrals=1, jitter=1.0))
-    admitted(pipeline.admit(policy, context()))
-    waiting = [deferred(pipeline.admit(policy, context())) for _ in range(3)]  # slots +1, +2, +3
-    clock.advance(10.0)
-    admitted(pipeline.admit(policy, context(after=waiting[0])))
-    admitted(pipeline.admit(policy, context(after=waiting[1])))  # on one interval of slack
-
-    rebooked = deferred(pipeline.admit(policy, context(after=waiting[2])))
-
-    assert (rebooked.reason, rebooked.deferrals, rebooked.exhausted) == ("rate_limited", 1, None)
-    assert rebooked.delay == pytest.approx(2.0, abs=1e-5)
-    clock.advance(rebooked.delay)
-    admitted(pipeline.admit(policy, context(after=rebooked)))
-
-
 # -- jitter ---------------------------------------------------------------------------
 
 

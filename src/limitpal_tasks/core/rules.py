@@ -358,12 +358,8 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
 
     The *booking* schedule (``tats[slot_id]``) hands out slots, now or in the future
     (reservations). The *execution* schedule (``tats[slot_id + "#x"]``) counts admissions
-    when they happen, so a crowd of tasks that all return late for their booked slots
-    still runs no faster than the rate: a covered task behind an execution schedule (by
-    more than one interval of slack) gives its passed slots up and books the next free
-    ones, like a newcomer but without counting a deferral — each member of a late crowd
-    gets a slot of its own (one hop each, not one per member still waiting each time one
-    gets through).
+    when they happen: a task that returns late for its booked slot, in a crowd of other
+    late ones, still runs no faster than the rate (it waits a short, uncounted hop).
 
     Returns the deferral, or (all conform, now consumed) per limit the reserved slot the
     execution used, ``0.0`` where it took a fresh slot.
@@ -390,26 +386,27 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
     for slot, hit in zip(carried, covered):
         if slot is not None and not hit and now < slot:
             early = max(early, slot - now)
+    if early <= 0:
+        # Even a covered slot waits for the execution schedule (late crowds run at the rate),
+        # with one interval of slack: a delivery a little late must not push every later
+        # one back by a hop (the lag would grow by a broker round trip each time).
+        for limit, hit in zip(rates, covered):
+            if hit:
+                ready = (
+                    max(tats.get(limit.exec_id, 0.0), now)
+                    + limit.interval * (1 - limit.burst)
+                    - limit.interval
+                )
+                early = max(early, ready - now)
     if early > 0:
         kept = tuple(
             s if s is not None and s + limit.grace >= now else 0.0 for s, limit in zip(carried, rates)
         )
         return _defer(now, "rate_limited", early, early=True, reservations=kept)
-    # A covered slot still waits for the execution schedule, with one interval of slack (a
-    # delivery a little late must not cost the next one a hop). Behind it — a late crowd —
-    # the slots have passed for good: the task contends for new ones on every limit.
-    behind = False
-    for limit, hit in zip(rates, covered):
-        if hit:
-            ready = (
-                max(tats.get(limit.exec_id, 0.0), now) + limit.interval * (1 - limit.burst) - limit.interval
-            )
-            behind = behind or ready > now
-    contend = [behind or not hit for hit in covered]
     target = now
     horizon = math.inf
-    for limit, busy in zip(rates, contend):
-        if not busy:
+    for limit, hit in zip(rates, covered):
+        if hit:
             continue
         booked = max(tats.get(limit.slot_id, 0.0), now)
         executed = max(tats.get(limit.exec_id, 0.0), now)
@@ -417,26 +414,20 @@ def _check_rates(state: KeyState, group: Group, now: float) -> GroupResult | tup
             target, booked + limit.interval * (1 - limit.burst), executed + limit.interval * (1 - limit.burst)
         )
         horizon = min(horizon, limit.reserve_ahead)
-    if target <= now:  # no covered limit is behind (that would put target past now)
+    if target <= now:
         for limit, hit in zip(rates, covered):
             if not hit:
                 tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), now) + limit.interval
             tats[limit.exec_id] = max(tats.get(limit.exec_id, 0.0), now) + limit.interval
         return tuple(slot if hit and slot is not None else 0.0 for slot, hit in zip(carried, covered))
-    # Every limit covered: only the crowd defers it, which is no deferral of its own.
-    crowded = all(covered)
     if target - now > horizon:
         kept = tuple(s if s is not None and hit else 0.0 for s, hit in zip(carried, covered))
-        return _defer(now, "rate_limited", target - now - horizon, early=crowded, reservations=kept)
-    # A slot is booked behind every execution already counted too: executions of late
-    # tasks move only the execution schedule, and the burst they took is not there to book.
-    for limit, busy in zip(rates, contend):
-        if busy:
-            tats[limit.slot_id] = (
-                max(tats.get(limit.slot_id, 0.0), tats.get(limit.exec_id, 0.0), target) + limit.interval
-            )
-    booked_slots = tuple(s if s is not None and not busy else target for s, busy in zip(carried, contend))
-    return _defer(now, "rate_limited", target - now, early=crowded, reservations=booked_slots)
+        return _defer(now, "rate_limited", target - now - horizon, reservations=kept)
+    for limit, hit in zip(rates, covered):
+        if not hit:
+            tats[limit.slot_id] = max(tats.get(limit.slot_id, 0.0), target) + limit.interval
+    booked_slots = tuple(s if hit and s is not None else target for s, hit in zip(carried, covered))
+    return _defer(now, "rate_limited", target - now, reservations=booked_slots)
 
 
 class _Effective:

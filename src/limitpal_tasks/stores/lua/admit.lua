@@ -63,7 +63,6 @@ end
 
 -- GCRA over the group's limits, with a booking and an execution schedule per limit (see
 -- core/rules.py:_check_rates): a deferral, or the slots used per limit (0 = fresh slot).
--- A covered task behind an execution schedule (a late crowd) contends for new slots on all.
 local function check_rates(G, H)
   local rates = G.rates
   for _, r in ipairs(rates) do
@@ -77,6 +76,14 @@ local function check_rates(G, H)
   for i, r in ipairs(rates) do
     if r.carried ~= nil and not covered[i] and now < r.carried then early = math.max(early, r.carried - now) end
   end
+  if early <= 0 then
+    for i, r in ipairs(rates) do
+      if covered[i] then
+        local ready = math.max(get(H, G.exec[i], 0.0), now) + r.interval * (1 - r.burst) - r.interval
+        early = math.max(early, ready - now)
+      end
+    end
+  end
   if early > 0 then
     local kept = {}
     for i, r in ipairs(rates) do
@@ -84,18 +91,9 @@ local function check_rates(G, H)
     end
     return defer('rate_limited', early, true, slot_list(kept))
   end
-  local behind = false
-  for i, r in ipairs(rates) do
-    if covered[i] then
-      local ready = math.max(get(H, G.exec[i], 0.0), now) + r.interval * (1 - r.burst) - r.interval
-      behind = behind or ready > now
-    end
-  end
-  local contend = {}
-  for i = 1, #rates do contend[i] = behind or not covered[i] end
   local target, ahead = now, math.huge
   for i, r in ipairs(rates) do
-    if contend[i] then
+    if not covered[i] then
       local booked = math.max(get(H, G.fields[i], 0.0), now)
       local executed = math.max(get(H, G.exec[i], 0.0), now)
       target = math.max(target, booked + r.interval * (1 - r.burst), executed + r.interval * (1 - r.burst))
@@ -117,24 +115,21 @@ local function check_rates(G, H)
     end
     return nil, used
   end
-  -- Every limit covered: only the crowd defers it, which is no deferral of its own.
-  local crowded = true
-  for i = 1, #rates do crowded = crowded and covered[i] end
   if target - now > ahead then
     local kept = {}
     for i, r in ipairs(rates) do kept[i] = covered[i] and r.carried or 0.0 end
-    return defer('rate_limited', target - now - ahead, crowded, slot_list(kept))
+    return defer('rate_limited', target - now - ahead, false, slot_list(kept))
   end
   local booked = {}
   for i, r in ipairs(rates) do
-    if contend[i] then
-      local tat = math.max(get(H, G.fields[i], 0.0), get(H, G.exec[i], 0.0), target) + r.interval
+    if not covered[i] then
+      local tat = math.max(get(H, G.fields[i], 0.0), target) + r.interval
       set(H, G.fields[i], tat)
       extend(H, tat)
     end
-    booked[i] = contend[i] and target or r.carried
+    booked[i] = covered[i] and r.carried or target
   end
-  return defer('rate_limited', target - now, crowded, slot_list(booked))
+  return defer('rate_limited', target - now, false, slot_list(booked))
 end
 
 local function admit_group(G, H)
