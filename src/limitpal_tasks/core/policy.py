@@ -546,7 +546,7 @@ class DeferPolicy:
         jitter: float = 0.1,
         open_spread: Duration | None = None,
         transport: DeferTransport | None = None,
-        park_limit: int = 10_000,
+        park_limit: int = 100_000,
     ) -> None:
         if transport not in (None, "broker", "park"):
             raise ConfigurationError("defer.transport", transport, 'expected "broker" or "park"')

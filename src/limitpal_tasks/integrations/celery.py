@@ -165,8 +165,11 @@ def _defer(task: Task, rt: Runtime, policy: Policy, context: TaskContext, decisi
         raise error
     headers = dict(request.headers or {})
     headers[HEADER] = state_header(decision)
-    if (policy.defer.transport or rt.settings.defer_transport) == "park" and _park(
-        task, rt, policy, context, decision, headers
+    # A per-process MemoryStore cannot park: a prefork child's park is not the releaser's.
+    if (
+        (policy.defer.transport or rt.settings.defer_transport) == "park"
+        and rt.shared
+        and _park(task, rt, policy, context, decision, headers)
     ):
         log.debug("parked %s %s for %.3fs: %s", task.name, request.id, decision.delay, decision.reason)
         raise Ignore()
@@ -391,7 +394,12 @@ def install(app: Celery) -> Celery:
         if getattr(sender, "app", app) is not app:
             return
         rt = runtime(app)
-        if _uses_park(app, rt):
+        if _uses_park(app, rt) and not rt.shared:
+            log.warning(
+                "limitpal: transport='park' needs a shared store (limitpal_store_url=redis://...); "
+                "with memory:// deferrals go through the broker"
+            )
+        elif _uses_park(app, rt):
             releaser(app).start()
             log.info("limitpal: releasing parked tasks of park %r", park_name(app))
 

@@ -182,7 +182,12 @@ class LimitpalMiddleware(Middleware):
         return False
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
-        if self.uses_park(broker):
+        if self.uses_park(broker) and not self.runtime.shared:
+            log.warning(
+                "limitpal: transport='park' needs a shared store (redis://...); with memory:// "
+                "deferrals go through the broker"
+            )
+        elif self.uses_park(broker):
             self.releaser = Releaser(
                 self.runtime.store, self.park_name, _publisher(broker), lease=self.runtime.settings.park_lease
             )
@@ -310,9 +315,9 @@ class LimitpalMiddleware(Middleware):
             )
             message.fail()  # to Dramatiq's own dead-letter queue as well
             raise SkipMessage(decision.exhausted)
-        if (policy.defer.transport or self.runtime.settings.defer_transport) != "park" or not self._park(
-            message, policy, context, decision
-        ):
+        parking = (policy.defer.transport or self.runtime.settings.defer_transport) == "park"
+        # A per-process MemoryStore cannot park: a worker process's park is not the releaser's.
+        if not (parking and self.runtime.shared and self._park(message, policy, context, decision)):
             self._requeue(broker, message, policy, context, decision)
         # The Results middleware would store None for a skipped delivery under this message
         # id; the requeued copy carries the real result later.
