@@ -176,10 +176,12 @@ def test_parked_tasks_survive_a_redis_broker_restart(
         broker.kill()
         harness.store.reset(key)
         assert harness.store.release_parked(harness.park, key) == 20
+        # A releaser stops its batch at the first failed publish and leaves the rest claimed
+        # for its lease, so which releaser meets the dead broker next is up to timing.
         harness.wait_until(
-            lambda: all(_failed_publishes(w) for w in workers),
+            lambda: any(_failed_publishes(w) for w in workers),
             30,
-            "every releaser to fail publishing a parked task into the dead broker",
+            "a releaser to fail publishing a parked task into the dead broker",
         )
         broker.start()
 
