@@ -183,7 +183,12 @@ def _table(statuses: list[KeyStatus]) -> str:
                 paused,
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    return _columns(rows)
+
+
+def _columns(rows: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart (the first row: the headers)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
@@ -386,9 +391,7 @@ def parked_list(parks: tuple[str, ...], as_json: bool, store_url: str, prefix: s
         return
     table = [["PARK", "KEY", "PARKED", "NEXT DUE"]]
     table += [[n, s.key, str(s.count), _until(s.next_due, now)] for n, s in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    click.echo(_columns(table))
 
 
 @parked.command("release")
